@@ -1,0 +1,207 @@
+//! The worker process: serves the `Collective` service, attaches to the coordinator and
+//! runs the jobs it is assigned, one at a time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringtrain_proto::v1::{
+    collective_server::CollectiveServer, control_message, worker_control_client::WorkerControlClient,
+    AttachRequest, Assignment,
+};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Server};
+use tracing::{info, warn};
+
+use crate::collective::{dial, CollectiveHub};
+use crate::config::WorkerConfig;
+use crate::error::WorkerError;
+use crate::grpc::CollectiveService;
+use crate::plan::TrainingPlan;
+use crate::trainer::{run_blocking, JobContext};
+
+/// How long a shutting-down worker waits for its job to wind down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+struct RunningJob {
+    job_id: String,
+    generation: u64,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Runs a worker until `shutdown` is cancelled or the coordinator tells it to stop.
+/// `listener` is where ring neighbours reach its `Collective` service.
+pub async fn run(
+    config: WorkerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let local: SocketAddr = listener.local_addr().map_err(|e| WorkerError::Connect {
+        addr: "listener".into(),
+        detail: e.to_string(),
+    })?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| local.to_string());
+    let hub = Arc::new(CollectiveHub::default());
+    let service = CollectiveServer::new(CollectiveService::new(hub.clone()))
+        .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES);
+    let server_stop = shutdown.child_token();
+    let server = tokio::spawn({
+        let stop = server_stop.clone();
+        Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                stop.cancelled().await
+            })
+    });
+    info!(collective = %advertise, coordinator = %config.coordinator, "worker started");
+
+    let mut running: Option<RunningJob> = None;
+    let mut backoff = Duration::from_millis(100);
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    'connect: while !shutdown.is_cancelled() {
+        let channel = match dial(&config.coordinator, Duration::from_secs(5), &shutdown).await {
+            Ok(c) => c,
+            Err(WorkerError::Cancelled) => break,
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if config.reconnect_limit.is_some_and(|l| since.elapsed() >= l) {
+                    stop_job(&mut running).await;
+                    server_stop.cancel();
+                    let _ = server.await;
+                    return Err(e);
+                }
+                warn!(error = %e, "coordinator unreachable; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let control = WorkerControlClient::new(channel)
+            .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES);
+        let mut stream = match control
+            .clone()
+            .attach(AttachRequest {
+                collective_addr: advertise.clone(),
+                name: config.name.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                warn!(%status, "attach refused; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        failing_since = None;
+        let mut worker_id = String::new();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => break 'connect,
+                m = stream.message() => m,
+            };
+            let kind = match msg {
+                Ok(Some(m)) => m.kind,
+                Ok(None) | Err(_) => {
+                    warn!("lost the coordinator; cancelling any job and reattaching");
+                    stop_job(&mut running).await;
+                    continue 'connect;
+                }
+            };
+            match kind {
+                Some(control_message::Kind::Registered(r)) => {
+                    info!(worker_id = %r.worker_id, "registered with the coordinator");
+                    worker_id = r.worker_id;
+                }
+                Some(control_message::Kind::Assignment(a)) => {
+                    // One job at a time: a previous job was cancelled before this
+                    // assignment was sent, so wait for it to wind down first.
+                    stop_job(&mut running).await;
+                    running = Some(start_job(a, control.clone(), hub.clone(), worker_id.clone(), &shutdown));
+                }
+                Some(control_message::Kind::Cancel(c)) => {
+                    if let Some(r) = &running {
+                        if r.job_id == c.job_id && r.generation == c.generation {
+                            info!(job = %c.job_id, reason = %c.reason, "job cancelled by coordinator");
+                            r.cancel.cancel();
+                        }
+                    }
+                }
+                Some(control_message::Kind::Shutdown(_)) => {
+                    info!("coordinator asked this worker to shut down");
+                    break 'connect;
+                }
+                None => {}
+            }
+        }
+    }
+    stop_job(&mut running).await;
+    server_stop.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+    Ok(())
+}
+
+fn start_job(
+    a: Assignment,
+    control: WorkerControlClient<Channel>,
+    hub: Arc<CollectiveHub>,
+    worker_id: String,
+    shutdown: &CancellationToken,
+) -> RunningJob {
+    let cancel = shutdown.child_token();
+    let job_id = a.job_id.clone();
+    let generation = a.generation;
+    info!(job = %job_id, generation, rank = a.rank, world = a.world, "assignment received");
+    let handle = tokio::runtime::Handle::current();
+    let token = cancel.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let plan = match TrainingPlan::from_json(&a.plan_json) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "rejecting assignment");
+                return;
+            }
+        };
+        let ctx = JobContext {
+            handle,
+            control,
+            hub,
+            worker_id,
+            assignment: a,
+            plan,
+            cancel: token,
+        };
+        let _ = run_blocking(ctx);
+    });
+    RunningJob {
+        job_id,
+        generation,
+        cancel,
+        task,
+    }
+}
+
+async fn stop_job(running: &mut Option<RunningJob>) {
+    if let Some(r) = running.take() {
+        r.cancel.cancel();
+        if tokio::time::timeout(SHUTDOWN_GRACE, r.task).await.is_err() {
+            warn!(job = %r.job_id, "job did not stop within the grace period");
+        }
+    }
+}

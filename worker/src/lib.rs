@@ -1,0 +1,35 @@
+//! ringtrain's data plane: what a worker computes and how it talks to its ring.
+//!
+//! # Layout
+//! - [`model`]: dense layers, parameter layout, forward/backward on candle-core.
+//! - [`loss`]: the loss heads (sparse categorical cross-entropy on logits).
+//! - [`optimizer`]: Adam on flat buffers.
+//! - [`sharding`]: how epochs split into global batches and batches across ranks.
+//! - [`ring`]: the ring all-reduce schedule (pure) and [`collective`]: the same over gRPC.
+//! - [`plan`]: the training plan a worker receives with its assignment.
+//! - [`trainer`]: the per-job step loop.
+//! - [`agent`]: the worker process: attach to the coordinator, run assignments.
+//! - [`privacy`]: the differential-privacy accountant.
+//! - [`grpc`]: the `Collective` service adapter; [`error`]: [`WorkerError`].
+
+pub mod agent;
+pub mod collective;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod loss;
+pub mod model;
+pub mod optimizer;
+pub mod plan;
+pub mod privacy;
+pub mod ring;
+pub mod rng;
+pub mod sharding;
+pub mod trainer;
+
+pub use error::WorkerError;
+
+/// xxh3-64 of a parameter buffer's bytes: the replica fingerprint in step reports.
+pub fn param_hash(params: &[f32]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(params))
+}
