@@ -1,1 +1,27 @@
-//! x
+//! ringtrain's control plane: jobs, scheduling, sharding, checkpoints.
+//!
+//! # Layout
+//! - [`job_file`]: the job file, parsed and validated.
+//! - [`dataset`]: synthetic and IDX datasets.
+//! - [`jobs`]: ids, the job state machine, the replica check (pure).
+//! - [`checkpoint`]: the atomic, checksummed checkpoint store.
+//! - [`service`]: the [`Coordinator`] core: jobs, workers, scheduling, reports.
+//! - [`grpc`]: tonic adapters; [`server`]: serving on a bound listener.
+//! - [`client`]: a client for the CLI; [`local`]: the embedded single-machine cluster.
+//! - [`config`], [`error`].
+
+pub mod checkpoint;
+pub mod client;
+pub mod config;
+pub mod dataset;
+pub mod error;
+pub mod grpc;
+pub mod job_file;
+pub mod jobs;
+pub mod local;
+pub mod server;
+pub mod service;
+
+pub use config::ServerConfig;
+pub use error::{CoordinatorError, SpecError};
+pub use service::Coordinator;

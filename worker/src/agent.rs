@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringtrain_proto::v1::{
-    collective_server::CollectiveServer, control_message, worker_control_client::WorkerControlClient,
-    AttachRequest, Assignment,
+    collective_server::CollectiveServer, control_message,
+    worker_control_client::WorkerControlClient, Assignment, AttachRequest,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -44,7 +44,10 @@ pub async fn run(
         addr: "listener".into(),
         detail: e.to_string(),
     })?;
-    let advertise = config.advertise.clone().unwrap_or_else(|| local.to_string());
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
     let hub = Arc::new(CollectiveHub::default());
     let service = CollectiveServer::new(CollectiveService::new(hub.clone()))
         .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
@@ -133,7 +136,13 @@ pub async fn run(
                     // One job at a time: a previous job was cancelled before this
                     // assignment was sent, so wait for it to wind down first.
                     stop_job(&mut running).await;
-                    running = Some(start_job(a, control.clone(), hub.clone(), worker_id.clone(), &shutdown));
+                    running = Some(start_job(
+                        a,
+                        control.clone(),
+                        hub.clone(),
+                        worker_id.clone(),
+                        &shutdown,
+                    ));
                 }
                 Some(control_message::Kind::Cancel(c)) => {
                     if let Some(r) = &running {

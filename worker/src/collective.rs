@@ -269,7 +269,10 @@ impl RingLink {
     }
 
     async fn send(&self, msg: RingChunk) -> Result<(), WorkerError> {
-        let out = self.out.as_ref().ok_or_else(|| self.lost(self.right(), "no link"))?;
+        let out = self
+            .out
+            .as_ref()
+            .ok_or_else(|| self.lost(self.right(), "no link"))?;
         send_on(out, msg, &self.cancel, self.config.timeout)
             .await
             .map_err(|d| self.classify(self.right(), d))
@@ -366,7 +369,10 @@ impl RingLink {
                                 got: c.data.len(),
                             });
                         }
-                        let src = c.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                        let src = c
+                            .data
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                         if phase == Phase::ReduceScatter {
                             dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
                         } else {
@@ -467,7 +473,11 @@ impl Receiver<'_> {
             round: c.round,
             chunk: c.chunk,
         };
-        if got != tag || c.job_id != self.job || c.generation != self.generation || c.from_rank != self.left {
+        if got != tag
+            || c.job_id != self.job
+            || c.generation != self.generation
+            || c.from_rank != self.left
+        {
             return Err(WorkerError::TagMismatch {
                 expected: format!(
                     "job {} generation {} {tag} from rank {}",

@@ -27,14 +27,19 @@ impl CollectiveService {
 
 #[tonic::async_trait]
 impl Collective for CollectiveService {
-    async fn ring(&self, request: Request<Streaming<RingChunk>>) -> Result<Response<RingAck>, Status> {
+    async fn ring(
+        &self,
+        request: Request<Streaming<RingChunk>>,
+    ) -> Result<Response<RingAck>, Status> {
         let mut stream = request.into_inner();
         let hello = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("ring stream ended before its hello"))?;
         if hello.phase != Phase::Hello as i32 {
-            return Err(Status::invalid_argument("ring stream must start with a hello"));
+            return Err(Status::invalid_argument(
+                "ring stream must start with a hello",
+            ));
         }
         let tx = self.hub.sender(&hello.job_id, hello.generation);
         let send = |m: Inbound| {

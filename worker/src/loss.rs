@@ -16,7 +16,11 @@ pub fn sparse_softmax_cross_entropy(
     want_grad: bool,
 ) -> Result<(BatchStats, Vec<f64>), WorkerError> {
     let rows = labels.len();
-    let mut grad = if want_grad { vec![0.0; logits.len()] } else { Vec::new() };
+    let mut grad = if want_grad {
+        vec![0.0; logits.len()]
+    } else {
+        Vec::new()
+    };
     let mut stats = BatchStats {
         count: rows as u64,
         ..BatchStats::default()
@@ -63,7 +67,11 @@ mod tests {
         assert!((s.loss_sum - 0.407_605_964_444_380_1).abs() < 1e-12);
         assert_eq!(s.correct, 1);
         let denom = 1f64.exp() + 2f64.exp() + 3f64.exp();
-        let expect = [1f64.exp() / denom, 2f64.exp() / denom, 3f64.exp() / denom - 1.0];
+        let expect = [
+            1f64.exp() / denom,
+            2f64.exp() / denom,
+            3f64.exp() / denom - 1.0,
+        ];
         for (a, b) in g.iter().zip(expect) {
             assert!((a - b).abs() < 1e-12);
         }

@@ -107,7 +107,11 @@ impl ModelSpec {
     pub fn tensor_names(&self) -> Vec<(String, Vec<usize>, usize)> {
         let mut out = Vec::new();
         for (i, l) in self.layout().iter().enumerate() {
-            out.push((format!("dense_{i}.kernel"), vec![l.inputs, l.outputs], l.kernel));
+            out.push((
+                format!("dense_{i}.kernel"),
+                vec![l.inputs, l.outputs],
+                l.kernel,
+            ));
             out.push((format!("dense_{i}.bias"), vec![l.outputs], l.bias));
         }
         out
@@ -240,7 +244,8 @@ impl Mlp {
         rows: usize,
     ) -> Result<BatchStats, WorkerError> {
         let logits = self.logits(params, x, rows)?;
-        let (stats, _) = loss::sparse_softmax_cross_entropy(&logits, y, self.spec.outputs(), false)?;
+        let (stats, _) =
+            loss::sparse_softmax_cross_entropy(&logits, y, self.spec.outputs(), false)?;
         Ok(stats)
     }
 
@@ -268,7 +273,12 @@ impl Mlp {
         for i in (0..self.layout.len()).rev() {
             let l = &self.layout[i];
             if i != self.layout.len() - 1 {
-                delta = activation_backward(self.spec.layers[i].activation, &pre[i], &acts[i + 1], &delta)?;
+                delta = activation_backward(
+                    self.spec.layers[i].activation,
+                    &pre[i],
+                    &acts[i + 1],
+                    &delta,
+                )?;
             }
             let dw = acts[i].t()?.matmul(&delta)?;
             let db = delta.sum(0)?;
@@ -374,7 +384,8 @@ mod tests {
         let rows = 6;
         let (x, y) = batch(rows, spec.input, 3);
         let mut grad = vec![0f32; spec.num_params()];
-        mlp.forward_backward(&params, &x, &y, rows, &mut grad).unwrap();
+        mlp.forward_backward(&params, &x, &y, rows, &mut grad)
+            .unwrap();
         let h = 1e-3f32;
         for i in 0..params.len() {
             let orig = params[i];
@@ -422,9 +433,18 @@ mod tests {
         let s = ModelSpec {
             input: 100,
             layers: vec![
-                LayerSpec { dense: 64, activation: Activation::Relu },
-                LayerSpec { dense: 64, activation: Activation::Relu },
-                LayerSpec { dense: 10, activation: Activation::Softmax },
+                LayerSpec {
+                    dense: 64,
+                    activation: Activation::Relu,
+                },
+                LayerSpec {
+                    dense: 64,
+                    activation: Activation::Relu,
+                },
+                LayerSpec {
+                    dense: 10,
+                    activation: Activation::Softmax,
+                },
             ],
         };
         // Keras model.summary() of the seed model: 6464 + 4160 + 650.

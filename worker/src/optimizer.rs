@@ -76,7 +76,8 @@ impl Adam {
         self.t += 1;
         let c = self.config;
         let t = self.t as i32;
-        let alpha = (c.learning_rate * (1.0 - c.beta_2.powi(t)).sqrt() / (1.0 - c.beta_1.powi(t))) as f32;
+        let alpha =
+            (c.learning_rate * (1.0 - c.beta_2.powi(t)).sqrt() / (1.0 - c.beta_1.powi(t))) as f32;
         let (b1, b2, eps) = (c.beta_1 as f32, c.beta_2 as f32, c.epsilon as f32);
         let (ob1, ob2) = (1.0 - b1, 1.0 - b2);
         for (((p, &gi), m), v) in params
@@ -118,7 +119,11 @@ mod tests {
             let alpha = 0.1 * (1.0 - 0.999f64.powi(t)).sqrt() / (1.0 - 0.9f64.powi(t));
             theta -= alpha * m / (v.sqrt() + 1e-7);
             adam.step(&mut p, &[g as f32]);
-            assert!((p[0] as f64 - theta).abs() < 5e-6, "t={t}: {} vs {theta}", p[0]);
+            assert!(
+                (p[0] as f64 - theta).abs() < 5e-6,
+                "t={t}: {} vs {theta}",
+                p[0]
+            );
         }
         assert_eq!(adam.t, 3);
     }

@@ -42,7 +42,8 @@ pub struct TrainingPlan {
 impl TrainingPlan {
     /// Parses the plan of an assignment.
     pub fn from_json(s: &str) -> Result<Self, WorkerError> {
-        let plan: TrainingPlan = serde_json::from_str(s).map_err(|e| WorkerError::Plan(e.to_string()))?;
+        let plan: TrainingPlan =
+            serde_json::from_str(s).map_err(|e| WorkerError::Plan(e.to_string()))?;
         if plan.model.input != plan.features || plan.model.outputs() != plan.classes {
             return Err(WorkerError::Plan(format!(
                 "model is {}->{} but data has {} features and {} classes",
@@ -53,7 +54,9 @@ impl TrainingPlan {
             )));
         }
         if plan.batch_size == 0 || plan.model.layers.is_empty() {
-            return Err(WorkerError::Plan("batch size and layer count must be positive".into()));
+            return Err(WorkerError::Plan(
+                "batch size and layer count must be positive".into(),
+            ));
         }
         Ok(plan)
     }

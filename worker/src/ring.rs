@@ -99,7 +99,10 @@ mod tests {
             for r in 0..n {
                 let left = (r + n - 1) % n;
                 for s in 0..n.saturating_sub(1) {
-                    assert_eq!(reduce_scatter_send(left, s, n), reduce_scatter_recv(r, s, n));
+                    assert_eq!(
+                        reduce_scatter_send(left, s, n),
+                        reduce_scatter_recv(r, s, n)
+                    );
                     assert_eq!(all_gather_send(left, s, n), all_gather_recv(r, s, n));
                 }
                 // After reduce-scatter, rank r owns segment r+1: the one it sends first
@@ -115,7 +118,11 @@ mod tests {
         for world in 1..=6 {
             for len in [0usize, 1, 2, 3, 5, 7, 64, 1000] {
                 let mut bufs: Vec<Vec<f32>> = (0..world)
-                    .map(|_| (0..len).map(|_| (rng.below(2000) as f32 - 1000.0) / 8.0).collect())
+                    .map(|_| {
+                        (0..len)
+                            .map(|_| (rng.below(2000) as f32 - 1000.0) / 8.0)
+                            .collect()
+                    })
                     .collect();
                 // Small dyadic values: every partial sum is exact, so order cannot matter.
                 let naive: Vec<f32> = (0..len).map(|i| bufs.iter().map(|b| b[i]).sum()).collect();

@@ -88,7 +88,10 @@ mod tests {
                             seen[i as usize] += 1;
                         }
                     }
-                    assert!(seen.iter().all(|&c| c == 1), "n={samples} b={batch} w={world}");
+                    assert!(
+                        seen.iter().all(|&c| c == 1),
+                        "n={samples} b={batch} w={world}"
+                    );
                 }
             }
         }
@@ -100,9 +103,12 @@ mod tests {
         // workers: the property that makes 1-worker and 3-worker runs agree.
         let (samples, batch) = (100, 32);
         let one = rank_epoch_indices(1, 0, samples, batch, 0, 1);
-        let per_rank: Vec<Vec<u32>> =
-            (0..3).map(|r| rank_epoch_indices(1, 0, samples, batch, r, 3)).collect();
-        let lens: Vec<Vec<usize>> = (0..3).map(|r| rank_batch_lens(samples, batch, r, 3)).collect();
+        let per_rank: Vec<Vec<u32>> = (0..3)
+            .map(|r| rank_epoch_indices(1, 0, samples, batch, r, 3))
+            .collect();
+        let lens: Vec<Vec<usize>> = (0..3)
+            .map(|r| rank_batch_lens(samples, batch, r, 3))
+            .collect();
         let mut cursor = [0usize; 3];
         let mut rebuilt = Vec::new();
         for step in 0..steps_per_epoch(samples, batch) {

@@ -128,7 +128,11 @@ fn block_on<T>(
     })
 }
 
-fn fetch(ctx: &JobContext, split: Split, epoch: u32) -> impl std::future::Future<Output = Result<Shard, WorkerError>> {
+fn fetch(
+    ctx: &JobContext,
+    split: Split,
+    epoch: u32,
+) -> impl std::future::Future<Output = Result<Shard, WorkerError>> {
     let mut control = ctx.control.clone();
     let a = &ctx.assignment;
     let req = ShardRequest {
@@ -197,7 +201,11 @@ fn evaluate(
         local.add(&s);
         start += rows;
     }
-    let mut buf = [local.loss_sum as f32, local.correct as f32, local.count as f32];
+    let mut buf = [
+        local.loss_sum as f32,
+        local.correct as f32,
+        local.count as f32,
+    ];
     block_on(ctx, ring.all_reduce(&mut buf, step))?;
     Ok(BatchStats {
         loss_sum: buf[0] as f64,
@@ -347,7 +355,10 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         let seconds = started.elapsed().as_secs_f64();
         let (val_loss, val_accuracy) = if plan.validation_samples > 0 {
             let v = evaluate(ctx, &mut ring, &mlp, &params, &validation, step)?;
-            (Some(ratio(v.loss_sum, v.count)), Some(ratio(v.correct as f64, v.count)))
+            (
+                Some(ratio(v.loss_sum, v.count)),
+                Some(ratio(v.correct as f64, v.count)),
+            )
         } else {
             (None, None)
         };
@@ -360,7 +371,12 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             samples_per_sec: plan.train_samples as f64 / seconds.max(1e-9),
             seconds,
         };
-        info!(epoch = epoch + 1, loss = summary.loss, accuracy = summary.accuracy, "epoch done");
+        info!(
+            epoch = epoch + 1,
+            loss = summary.loss,
+            accuracy = summary.accuracy,
+            "epoch done"
+        );
         if rank == 0 {
             reports.send(worker_report::Kind::Epoch(EpochReport {
                 summary: Some(summary),
@@ -370,7 +386,10 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
     let (test_loss, test_accuracy) = if plan.test_samples > 0 {
         let test = block_on(ctx, fetch(ctx, Split::Test, 0))?;
         let t = evaluate(ctx, &mut ring, &mlp, &params, &test, step)?;
-        (Some(ratio(t.loss_sum, t.count)), Some(ratio(t.correct as f64, t.count)))
+        (
+            Some(ratio(t.loss_sum, t.count)),
+            Some(ratio(t.correct as f64, t.count)),
+        )
     } else {
         (None, None)
     };

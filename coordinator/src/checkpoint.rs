@@ -1,0 +1,372 @@
+//! The checkpoint store: atomic, checksummed, pruned to the newest N.
+//!
+//! A checkpoint is a directory `step-<step>/` holding
+//! - `state.safetensors`: parameters and Adam moments, one tensor per layer and kind
+//!   (`dense_0.kernel`, `adam_m.dense_0.kernel`, ...);
+//! - `meta.json`: [`CheckpointMeta`] (step, epoch, generation, Adam t, job-spec hash, ...);
+//! - `CHECKSUM`: hex SHA-256 over the bytes of `state.safetensors` then `meta.json`.
+//!
+//! It is written into a hidden temporary directory, every file fsynced, then renamed into
+//! place and the parent fsynced: a crash leaves either the old set or the new one, never a
+//! half-written checkpoint under a real name.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ringtrain_worker::model::ModelSpec;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::CoordinatorError;
+
+/// Metadata saved beside the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Format marker.
+    pub format: String,
+    /// The job.
+    pub job_id: String,
+    /// Generation that produced it.
+    pub generation: u64,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Epochs completed.
+    pub epoch: u32,
+    /// Adam's step count.
+    pub adam_t: u64,
+    /// SHA-256 of the canonical job spec: a resume must use the same spec.
+    pub spec_hash: String,
+    /// xxh3-64 of the parameter bytes as the replicas reported it.
+    pub param_hash: u64,
+    /// Whether this is the end-of-training checkpoint.
+    pub final_: bool,
+    /// The architecture, so the checkpoint is self-describing.
+    pub model: ModelSpec,
+}
+
+/// The flat buffers of one training state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingState {
+    /// Parameters.
+    pub params: Vec<f32>,
+    /// Adam first moments.
+    pub adam_m: Vec<f32>,
+    /// Adam second moments.
+    pub adam_v: Vec<f32>,
+}
+
+/// A checkpoint read back and verified.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Where it lives.
+    pub path: PathBuf,
+    /// Its metadata.
+    pub meta: CheckpointMeta,
+    /// Its tensors.
+    pub state: TrainingState,
+}
+
+const TENSORS: &str = "state.safetensors";
+const META: &str = "meta.json";
+const CHECKSUM: &str = "CHECKSUM";
+
+fn fsync_file(path: &Path, bytes: &[u8]) -> Result<(), CoordinatorError> {
+    let mut f = fs::File::create(path)
+        .map_err(CoordinatorError::io(format!("creating {}", path.display())))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(CoordinatorError::io(format!("writing {}", path.display())))
+}
+
+fn fsync_dir(path: &Path) -> Result<(), CoordinatorError> {
+    fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(CoordinatorError::io(format!(
+            "syncing directory {}",
+            path.display()
+        )))
+}
+
+fn checksum(tensors: &[u8], meta: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(tensors);
+    h.update(meta);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Serializes flat buffers as named per-layer tensors in safetensors format.
+pub fn tensors_bytes(
+    model: &ModelSpec,
+    groups: &[(&str, &[f32])],
+) -> Result<Vec<u8>, CoordinatorError> {
+    let names = model.tensor_names();
+    let mut views = Vec::new();
+    for (prefix, buf) in groups {
+        if buf.len() != model.num_params() {
+            return Err(CoordinatorError::Precondition(format!(
+                "{prefix} buffer has {} values, the model has {} parameters",
+                buf.len(),
+                model.num_params()
+            )));
+        }
+        for (name, shape, offset) in &names {
+            let len: usize = shape.iter().product();
+            let bytes: &[u8] = bytemuck::cast_slice(&buf[*offset..offset + len]);
+            let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
+            let full = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            views.push((full, view));
+        }
+    }
+    safetensors::tensor::serialize(views, None::<HashMap<String, String>>)
+        .map_err(|e| CoordinatorError::Serialize(e.to_string()))
+}
+
+/// Reads named tensors back into a flat buffer in the model's layout.
+fn read_group(
+    st: &safetensors::SafeTensors<'_>,
+    model: &ModelSpec,
+    prefix: &str,
+) -> Result<Vec<f32>, String> {
+    let mut out = vec![0f32; model.num_params()];
+    for (name, shape, offset) in model.tensor_names() {
+        let full = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let t = st
+            .tensor(&full)
+            .map_err(|e| format!("tensor {full}: {e}"))?;
+        if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
+            return Err(format!(
+                "tensor {full} is {:?} {:?}, expected F32 {shape:?}",
+                t.dtype(),
+                t.shape()
+            ));
+        }
+        for (d, b) in out[offset..offset + shape.iter().product::<usize>()]
+            .iter_mut()
+            .zip(t.data().chunks_exact(4))
+        {
+            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    Ok(out)
+}
+
+/// Checkpoints of one job.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    dir: PathBuf,
+    keep: usize,
+}
+
+impl CheckpointStore {
+    /// A store under `dir`, keeping the `keep` newest checkpoints.
+    pub fn new(dir: PathBuf, keep: usize) -> Self {
+        CheckpointStore {
+            dir,
+            keep: keep.max(1),
+        }
+    }
+
+    /// Writes a checkpoint atomically and prunes old ones; returns its directory.
+    pub fn write(
+        &self,
+        meta: &CheckpointMeta,
+        state: &TrainingState,
+    ) -> Result<PathBuf, CoordinatorError> {
+        fs::create_dir_all(&self.dir).map_err(CoordinatorError::io(format!(
+            "creating {}",
+            self.dir.display()
+        )))?;
+        let tensors = tensors_bytes(
+            &meta.model,
+            &[
+                ("", &state.params),
+                ("adam_m", &state.adam_m),
+                ("adam_v", &state.adam_v),
+            ],
+        )?;
+        let meta_bytes = serde_json::to_vec_pretty(meta)
+            .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
+        let name = format!("step-{:010}", meta.step);
+        let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp)
+            .map_err(CoordinatorError::io(format!("creating {}", tmp.display())))?;
+        fsync_file(&tmp.join(TENSORS), &tensors)?;
+        fsync_file(&tmp.join(META), &meta_bytes)?;
+        fsync_file(
+            &tmp.join(CHECKSUM),
+            checksum(&tensors, &meta_bytes).as_bytes(),
+        )?;
+        fsync_dir(&tmp)?;
+        let dest = self.dir.join(&name);
+        if dest.exists() {
+            // Same step written again (e.g. the final checkpoint on a checkpoint step):
+            // move the old one aside first so the rename below stays atomic.
+            let old = self.dir.join(format!(".old-{name}-{}", std::process::id()));
+            fs::rename(&dest, &old).map_err(CoordinatorError::io(format!(
+                "replacing {}",
+                dest.display()
+            )))?;
+            let _ = fs::remove_dir_all(&old);
+        }
+        fs::rename(&tmp, &dest).map_err(CoordinatorError::io(format!(
+            "renaming into {}",
+            dest.display()
+        )))?;
+        fsync_dir(&self.dir)?;
+        self.prune()?;
+        Ok(dest)
+    }
+
+    /// Checkpoint directories, oldest first.
+    pub fn list(&self) -> Result<Vec<PathBuf>, CoordinatorError> {
+        let mut out: Vec<PathBuf> = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("step-"))
+                })
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(CoordinatorError::io(format!(
+                    "listing {}",
+                    self.dir.display()
+                ))(e))
+            }
+        };
+        out.sort();
+        Ok(out)
+    }
+
+    fn prune(&self) -> Result<(), CoordinatorError> {
+        let all = self.list()?;
+        if all.len() > self.keep {
+            for p in &all[..all.len() - self.keep] {
+                fs::remove_dir_all(p)
+                    .map_err(CoordinatorError::io(format!("pruning {}", p.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest checkpoint, verified.
+    pub fn latest(&self) -> Result<Option<Checkpoint>, CoordinatorError> {
+        match self.list()?.last() {
+            Some(p) => Ok(Some(load(p)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads and verifies a checkpoint directory.
+pub fn load(path: &Path) -> Result<Checkpoint, CoordinatorError> {
+    let corrupt = |m: String| CoordinatorError::CorruptCheckpoint {
+        path: path.display().to_string(),
+        message: m,
+    };
+    let read = |n: &str| fs::read(path.join(n)).map_err(|e| corrupt(format!("{n}: {e}")));
+    let (tensors, meta_bytes, sum) = (read(TENSORS)?, read(META)?, read(CHECKSUM)?);
+    if String::from_utf8_lossy(&sum).trim() != checksum(&tensors, &meta_bytes) {
+        return Err(corrupt(
+            "checksum mismatch: the files were changed or truncated".into(),
+        ));
+    }
+    let meta: CheckpointMeta =
+        serde_json::from_slice(&meta_bytes).map_err(|e| corrupt(format!("{META}: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&tensors)
+        .map_err(|e| corrupt(format!("{TENSORS}: {e}")))?;
+    let state = TrainingState {
+        params: read_group(&st, &meta.model, "").map_err(corrupt)?,
+        adam_m: read_group(&st, &meta.model, "adam_m").map_err(corrupt)?,
+        adam_v: read_group(&st, &meta.model, "adam_v").map_err(corrupt)?,
+    };
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        meta,
+        state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringtrain_worker::model::{Activation, LayerSpec};
+
+    fn meta(step: u64) -> CheckpointMeta {
+        CheckpointMeta {
+            format: "ringtrain.checkpoint.v1".into(),
+            job_id: "j-1".into(),
+            generation: 1,
+            step,
+            epoch: 0,
+            adam_t: step,
+            spec_hash: "abc".into(),
+            param_hash: 0,
+            final_: false,
+            model: ModelSpec {
+                input: 3,
+                layers: vec![LayerSpec {
+                    dense: 2,
+                    activation: Activation::Softmax,
+                }],
+            },
+        }
+    }
+
+    fn state(seed: f32) -> TrainingState {
+        let n = 8;
+        TrainingState {
+            params: (0..n).map(|i| i as f32 * seed).collect(),
+            adam_m: vec![seed; n],
+            adam_v: vec![seed * 2.0; n],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path().join("ck"), 2);
+        for step in [1, 2, 3] {
+            store.write(&meta(step), &state(step as f32)).unwrap();
+        }
+        let names: Vec<String> = store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["step-0000000002", "step-0000000003"]);
+        let latest = store.latest().unwrap().unwrap();
+        assert_eq!(latest.meta, meta(3));
+        assert_eq!(latest.state, state(3.0));
+    }
+
+    #[test]
+    fn a_flipped_byte_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path().to_path_buf(), 3);
+        let p = store.write(&meta(5), &state(1.0)).unwrap();
+        let mut bytes = fs::read(p.join(TENSORS)).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(p.join(TENSORS), bytes).unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+    }
+}

@@ -1,0 +1,67 @@
+//! Errors of the coordinator crate.
+
+use thiserror::Error;
+
+/// A job file problem: which file, which field, what is wrong and how to fix it.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("{file}: {field}: {message}")]
+pub struct SpecError {
+    /// The job file (or "job" when it came without a name).
+    pub file: String,
+    /// The field (dotted path) or line.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// Everything that can go wrong in the control plane.
+#[derive(Debug, Error)]
+pub enum CoordinatorError {
+    /// The job file is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A dataset could not be read or is malformed.
+    #[error("{path}: {message}")]
+    Data {
+        /// The file (or data source) at fault.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// No such job.
+    #[error("no job with id {0} (list jobs with `ringtrain jobs`)")]
+    UnknownJob(String),
+    /// A request that does not fit the job's or worker's current state.
+    #[error("{0}")]
+    Precondition(String),
+    /// Storage failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A checkpoint failed verification.
+    #[error("corrupt checkpoint {path}: {message}")]
+    CorruptCheckpoint {
+        /// Its directory.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// Serialization failed.
+    #[error("serialization failed: {0}")]
+    Serialize(String),
+    /// A server or connection failed.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+impl CoordinatorError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CoordinatorError {
+        let context = context.into();
+        move |source| CoordinatorError::Io { context, source }
+    }
+}

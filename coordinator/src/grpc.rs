@@ -1,0 +1,158 @@
+//! gRPC adapters: convert requests, call [`Coordinator`], map results to `Status` through
+//! [`to_status`]. No logic lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use ringtrain_proto::v1::{
+    job_service_server::JobService, worker_control_server::WorkerControl, AttachRequest,
+    CheckpointAck, CheckpointUpload, ControlMessage, JobRequest, JobStatus, ListRequest,
+    ListResponse, ReportAck, ShardChunk, ShardRequest, SubmitRequest, SubmitResponse, WorkerReport,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::CoordinatorError;
+use crate::service::Coordinator;
+
+/// The one mapping from domain errors to gRPC status codes.
+pub fn to_status(e: CoordinatorError) -> Status {
+    let msg = e.to_string();
+    match e {
+        CoordinatorError::Spec(_) | CoordinatorError::Data { .. } => Status::invalid_argument(msg),
+        CoordinatorError::UnknownJob(_) => Status::not_found(msg),
+        CoordinatorError::Precondition(_) => Status::failed_precondition(msg),
+        CoordinatorError::CorruptCheckpoint { .. } => Status::data_loss(msg),
+        CoordinatorError::Io { .. }
+        | CoordinatorError::Serialize(_)
+        | CoordinatorError::Transport(_) => Status::internal(msg),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Both services of the coordinator over one [`Coordinator`].
+#[derive(Debug, Clone)]
+pub struct CoordinatorApi {
+    core: Arc<Coordinator>,
+}
+
+impl CoordinatorApi {
+    /// Adapters over `core`.
+    pub fn new(core: Arc<Coordinator>) -> Self {
+        CoordinatorApi { core }
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for CoordinatorApi {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let id = self
+            .core
+            .submit(request.into_inner())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(SubmitResponse { job_id: id.0 }))
+    }
+
+    async fn get(&self, request: Request<JobRequest>) -> Result<Response<JobStatus>, Status> {
+        self.core
+            .get(&request.into_inner().job_id)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    type WatchStream = BoxStream<JobStatus>;
+
+    async fn watch(
+        &self,
+        request: Request<JobRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let rx = self
+            .core
+            .watch(&request.into_inner().job_id)
+            .map_err(to_status)?;
+        let mut done = false;
+        let stream = tokio_stream::wrappers::WatchStream::new(rx)
+            .take_while(move |s| {
+                // Pass the first terminal status, then end.
+                let keep = !done;
+                done = done || matches!(s.state.as_str(), "completed" | "failed" | "cancelled");
+                keep
+            })
+            .map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel(&self, request: Request<JobRequest>) -> Result<Response<JobStatus>, Status> {
+        self.core
+            .cancel(&request.into_inner().job_id)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn list(&self, _request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Ok(Response::new(ListResponse {
+            jobs: self.core.list(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerControl for CoordinatorApi {
+    type AttachStream = BoxStream<ControlMessage>;
+
+    async fn attach(
+        &self,
+        request: Request<AttachRequest>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let r = request.into_inner();
+        if r.collective_addr.is_empty() {
+            return Err(Status::invalid_argument("attach: collective_addr is empty"));
+        }
+        let rx = self.core.attach(r.collective_addr, r.name);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type FetchShardStream = BoxStream<ShardChunk>;
+
+    async fn fetch_shard(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<Self::FetchShardStream>, Status> {
+        let chunks = self.core.shard(&request.into_inner()).map_err(to_status)?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn report(
+        &self,
+        request: Request<Streaming<WorkerReport>>,
+    ) -> Result<Response<ReportAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(r) = stream.message().await? {
+            self.core.report(r);
+        }
+        Ok(Response::new(ReportAck {}))
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        request: Request<CheckpointUpload>,
+    ) -> Result<Response<CheckpointAck>, Status> {
+        let path = self
+            .core
+            .upload_checkpoint(request.into_inner())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(CheckpointAck {
+            path: path.display().to_string(),
+        }))
+    }
+}
