@@ -105,6 +105,51 @@ enum Command {
     },
     /// List jobs.
     Jobs,
+    /// Differential-privacy accounting for DP-SGD (Poisson-subsampled Gaussian).
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PrivacyCommand {
+    /// Epsilon spent by T steps at noise multiplier S and sample rate Q.
+    Epsilon {
+        /// Noise standard deviation over the clipping norm (sigma).
+        #[arg(long)]
+        noise_multiplier: f64,
+        /// Poisson sampling rate q (batch size / dataset size).
+        #[arg(long)]
+        sample_rate: f64,
+        /// Number of steps T.
+        #[arg(long)]
+        steps: u64,
+        /// Target delta.
+        #[arg(long)]
+        delta: f64,
+        /// rdp (Renyi DP, Balle et al. 2020 conversion) or pld (tight, the default).
+        #[arg(long, default_value = "pld")]
+        accountant: String,
+    },
+    /// The smallest noise multiplier whose epsilon stays within a target.
+    Noise {
+        /// Epsilon budget.
+        #[arg(long)]
+        target_epsilon: f64,
+        /// Poisson sampling rate q.
+        #[arg(long)]
+        sample_rate: f64,
+        /// Number of steps T.
+        #[arg(long)]
+        steps: u64,
+        /// Target delta.
+        #[arg(long)]
+        delta: f64,
+        /// rdp or pld (default).
+        #[arg(long, default_value = "pld")]
+        accountant: String,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -198,7 +243,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            tracing::info!(addr = %listener.local_addr()?, data_dir = %data_dir.display(), "coordinator listening");
+            let addr = listener.local_addr()?;
+            tracing::info!(addr = %addr, data_dir = %data_dir.display(), "coordinator listening");
+            // One line on stdout, so scripts and tests that pass port 0 learn the port.
+            println!("listening on {addr}");
             let config = ServerConfig {
                 data_dir,
                 collective_timeout: Duration::from_secs(collective_timeout_secs),
@@ -216,6 +264,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            let addr = listener.local_addr()?;
+            println!("listening on {addr}");
             let config = WorkerConfig {
                 coordinator: cli.coordinator,
                 advertise,
@@ -282,6 +332,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             progress::print_status(&s, json);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Privacy { command } => {
+            init_tracing("warn");
+            privacy(command, json)
+        }
         Command::Jobs => {
             init_tracing("warn");
             let mut c = client::connect(&cli.coordinator).await?;
@@ -295,6 +349,74 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn privacy(cmd: PrivacyCommand, json: bool) -> anyhow::Result<ExitCode> {
+    use ringtrain_worker::privacy::{calibrate_noise, epsilon, AccountantKind, Ledger};
+    match cmd {
+        PrivacyCommand::Epsilon {
+            noise_multiplier,
+            sample_rate,
+            steps,
+            delta,
+            accountant,
+        } => {
+            let kind: AccountantKind = accountant.parse()?;
+            let ledger = Ledger::single(noise_multiplier, sample_rate, steps)?;
+            let r = epsilon(&ledger, delta, kind)?;
+            if r.optimal_order_at_boundary {
+                eprintln!(
+                    "warning: the optimal Renyi order {:?} is at the end of the order list; epsilon may be loose",
+                    r.optimal_order
+                );
+            }
+            if json {
+                let mut v = serde_json::json!({
+                    "epsilon": r.epsilon,
+                    "accountant": r.accountant.as_str(),
+                    "delta": r.delta,
+                });
+                if let Some(o) = r.optimal_order {
+                    v["optimal_order"] = serde_json::json!(o);
+                }
+                if let Some(e) = r.error_bound {
+                    v["error_bound"] = serde_json::json!(e);
+                }
+                println!("{v}");
+            } else {
+                let extra = match (r.optimal_order, r.error_bound) {
+                    (Some(o), _) => format!(" (optimal order {o})"),
+                    (None, Some(e)) => format!(" (true epsilon at most {e:.2e} lower)"),
+                    _ => String::new(),
+                };
+                println!(
+                    "epsilon = {:.6} at delta = {} [{}]{extra}",
+                    r.epsilon,
+                    r.delta,
+                    r.accountant.as_str()
+                );
+            }
+        }
+        PrivacyCommand::Noise {
+            target_epsilon,
+            sample_rate,
+            steps,
+            delta,
+            accountant,
+        } => {
+            let kind: AccountantKind = accountant.parse()?;
+            let (sigma, eps) = calibrate_noise(target_epsilon, sample_rate, steps, delta, kind)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "noise_multiplier": sigma, "epsilon": eps })
+                );
+            } else {
+                println!("noise multiplier = {sigma:.6} (epsilon {eps:.6} <= {target_epsilon} at delta = {delta})");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {

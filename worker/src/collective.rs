@@ -493,13 +493,24 @@ impl Receiver<'_> {
     }
 }
 
+impl RingLink {
+    /// Ends the outgoing stream after everything queued on it has been sent, waiting at
+    /// most the collective deadline. Call it once the last collective is done: dropping
+    /// a link also ends the stream, but without waiting for the queue to drain.
+    pub async fn close(mut self) {
+        self.out.take();
+        if let Some(call) = self.call.take() {
+            let _ = tokio::time::timeout(self.config.timeout, call).await;
+        }
+    }
+}
+
 impl Drop for RingLink {
     fn drop(&mut self) {
         self.hub.close(&self.job, self.generation);
-        // Dropping `out` ends the outgoing stream cleanly; the call task then finishes.
+        // Dropping the sender ends the outgoing stream once its queue is flushed; the call
+        // task then finishes by itself. It is not aborted: that could cut off the last
+        // chunks a neighbour still needs.
         self.out.take();
-        if let Some(call) = self.call.take() {
-            call.abort();
-        }
     }
 }

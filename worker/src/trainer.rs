@@ -396,6 +396,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
     if rank == 0 {
         upload(ctx, &params, &adam, step, plan.epochs, true)?;
     }
+    ctx.handle.block_on(ring.close());
     reports.send(worker_report::Kind::Finished(Finished {
         steps: step,
         test_loss,
