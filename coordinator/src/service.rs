@@ -836,3 +836,111 @@ fn write_model(
     std::fs::write(out_dir.join("model.json"), text)
         .map_err(CoordinatorError::io("writing model.json"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringtrain_proto::v1::StepReport;
+
+    const JOB: &str = r#"
+name = "t"
+epochs = 1
+batch_size = 8
+workers = 2
+[data]
+train = { format = "synthetic", samples = 64, features = 3, classes = 2 }
+[model]
+input = 3
+layers = [{ dense = 2, activation = "softmax" }]
+[train]
+loss = "sparse_categorical_crossentropy"
+"#;
+
+    fn step(job: &str, rank: u32, worker: &str, hash: u64) -> WorkerReport {
+        WorkerReport {
+            job_id: job.into(),
+            generation: 1,
+            rank,
+            worker_id: worker.into(),
+            kind: Some(worker_report::Kind::Step(StepReport {
+                step: 1,
+                param_hash: hash,
+                ..StepReport::default()
+            })),
+        }
+    }
+
+    async fn running_job() -> (
+        Arc<Coordinator>,
+        String,
+        Vec<ControlStream>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let core = Coordinator::new(ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..ServerConfig::default()
+        });
+        let id = core
+            .submit(SubmitRequest {
+                spec_toml: JOB.into(),
+                ..SubmitRequest::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(core.get(&id.0).unwrap().state, "waiting");
+        let streams = vec![
+            core.attach("a:1".into(), "a".into()),
+            core.attach("b:1".into(), "b".into()),
+        ];
+        assert_eq!(core.get(&id.0).unwrap().state, "running");
+        (core, id.0, streams, dir)
+    }
+
+    #[tokio::test]
+    async fn a_replica_hash_mismatch_fails_the_job_loudly() {
+        let (core, id, mut streams, _dir) = running_job().await;
+        core.report(step(&id, 0, "w-1", 0xaaaa));
+        core.report(step(&id, 1, "w-2", 0xbbbb));
+        let s = core.get(&id).unwrap();
+        assert_eq!(s.state, "failed");
+        assert!(
+            s.error.contains("replicas diverged at step 1"),
+            "{}",
+            s.error
+        );
+        // Both workers were told to stop (after their registration and assignment).
+        for rx in streams.iter_mut() {
+            let mut saw_cancel = false;
+            while let Ok(Ok(m)) = rx.try_recv() {
+                saw_cancel |= matches!(m.kind, Some(control_message::Kind::Cancel(_)));
+            }
+            assert!(saw_cancel);
+        }
+    }
+
+    #[tokio::test]
+    async fn agreeing_replicas_are_counted_and_strangers_ignored() {
+        let (core, id, _streams, _dir) = running_job().await;
+        core.report(step(&id, 0, "w-1", 7));
+        // A report from a worker that is not rank 1 of this job is ignored.
+        core.report(step(&id, 1, "w-9", 8));
+        core.report(step(&id, 1, "w-2", 7));
+        let s = core.get(&id).unwrap();
+        assert_eq!(s.state, "running");
+        assert_eq!(s.verified_steps, 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_worker_fails_its_job_naming_it() {
+        let (core, id, _streams, _dir) = running_job().await;
+        core.detach(&WorkerId("w-2".into()));
+        let s = core.get(&id).unwrap();
+        assert_eq!(s.state, "failed");
+        assert!(
+            s.error.contains("worker w-2 (rank 1") && s.error.contains("generation 1"),
+            "{}",
+            s.error
+        );
+    }
+}

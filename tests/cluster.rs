@@ -1,0 +1,97 @@
+//! A cluster started by hand, as a user would: `serve`, three `worker`s, then
+//! `submit`/`status`/`watch`/`cancel`/`jobs` against it. Also the failure path: a worker
+//! killed mid-job fails the job, naming the worker and generation, and nothing hangs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn status(coord: &str, id: &str) -> serde_json::Value {
+    let (ok, v, stderr) = run_json(&["status", "--coordinator", coord, id]);
+    assert!(ok, "status failed: {stderr}");
+    v
+}
+
+#[test]
+fn submit_watch_cancel_then_the_workers_take_the_next_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_serve, coord) = serve(&dir.path().join("data"));
+    let _workers: Vec<Proc> = (0..3).map(|i| worker(&coord, &format!("w{i}"))).collect();
+
+    // A long job, cancelled while running.
+    let long = synthetic_job(dir.path(), "long", 60_000, 50, 0.0, 0);
+    let (ok, v, stderr) = run_json(&["submit", "--coordinator", &coord, long.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let id = v["job_id"].as_str().unwrap().to_string();
+    let running = wait_for(Duration::from_secs(30), "the job to make progress", || {
+        let s = status(&coord, &id);
+        (s["state"] == "running" && s["steps"].as_u64().unwrap_or(0) > 20).then_some(s)
+    });
+    assert!(running["metrics"]["loss"].as_f64().is_some(), "{running}");
+    let (ok, _, stderr) = run_json(&["cancel", "--coordinator", &coord, &id]);
+    assert!(ok, "{stderr}");
+    let cancelled_at = Instant::now();
+    wait_for(Duration::from_secs(5), "the job to be cancelled", || {
+        (status(&coord, &id)["state"] == "cancelled").then_some(())
+    });
+    assert!(cancelled_at.elapsed() < Duration::from_secs(5));
+    let (ok, _, _) = run_json(&["watch", "--coordinator", &coord, &id]);
+    assert!(!ok, "watch of a cancelled job must exit non-zero");
+
+    // The same three workers run the next job to completion; watch follows it.
+    let short = synthetic_job(dir.path(), "short", 2000, 2, 0.1, 0);
+    let (ok, v, stderr) = run_json(&["submit", "--coordinator", &coord, short.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let id2 = v["job_id"].as_str().unwrap().to_string();
+    let (ok, done, stderr) = run_json(&["watch", "--coordinator", &coord, &id2]);
+    assert!(ok, "watch failed: {done} {stderr}");
+    assert_eq!(done["state"], "completed");
+    assert_eq!(done["verified_steps"], done["steps"]);
+    let out_dir = std::path::PathBuf::from(done["out_dir"].as_str().unwrap());
+    assert!(out_dir.join("model.safetensors").is_file());
+
+    let (ok, jobs, _) = run_json(&["jobs", "--coordinator", &coord]);
+    assert!(ok);
+    let states: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["cancelled", "completed"]);
+}
+
+#[test]
+fn killing_a_worker_mid_job_fails_the_job_within_30_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_serve, coord) = serve(&dir.path().join("data"));
+    let mut workers: Vec<Proc> = (0..3).map(|i| worker(&coord, &format!("w{i}"))).collect();
+    let long = synthetic_job(dir.path(), "victim", 60_000, 50, 0.0, 0);
+    let (ok, v, stderr) = run_json(&["submit", "--coordinator", &coord, long.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let id = v["job_id"].as_str().unwrap().to_string();
+    wait_for(Duration::from_secs(30), "the job to make progress", || {
+        (status(&coord, &id)["steps"].as_u64().unwrap_or(0) > 50).then_some(())
+    });
+    workers[1].0.kill().unwrap();
+    let killed_at = Instant::now();
+    let failed = wait_for(Duration::from_secs(30), "the job to fail", || {
+        let s = status(&coord, &id);
+        (s["state"] == "failed").then_some(s)
+    });
+    assert!(killed_at.elapsed() < Duration::from_secs(30));
+    let err = failed["error"].as_str().unwrap();
+    assert!(
+        err.contains("generation 1") && err.contains("was lost"),
+        "{err}"
+    );
+    assert!(
+        err.contains("w-"),
+        "the error should name the worker: {err}"
+    );
+    // The coordinator keeps serving.
+    let (ok, jobs, _) = run_json(&["jobs", "--coordinator", &coord]);
+    assert!(ok && jobs["jobs"].as_array().unwrap().len() == 1);
+}

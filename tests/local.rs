@@ -1,0 +1,151 @@
+//! `ringtrain local` end to end: real worker processes, real gRPC, real files.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use ringtrain_coordinator::checkpoint;
+
+#[test]
+fn three_workers_complete_and_every_step_is_verified_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = synthetic_job(dir.path(), "small", 3000, 2, 0.1, 40);
+    let out = dir.path().join("run");
+    let (ok, v, stderr) = run_json(&[
+        "local",
+        "--workers",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    assert!(ok, "local failed: {v} {stderr}");
+    assert_eq!(v["state"], "completed");
+    assert_eq!(v["workers"], 3);
+    // 2700 training samples / 32 = 85 steps per epoch.
+    assert_eq!(v["steps"], 170);
+    // The coordinator compared all three replicas' parameter hashes after every step.
+    assert_eq!(v["verified_steps"], 170, "{v}");
+    assert!(v["metrics"]["val_accuracy"].as_f64().unwrap() > 0.8, "{v}");
+    for f in ["model.safetensors", "model.json", "metrics.jsonl"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for k in [
+        "epoch",
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "samples_per_sec",
+        "seconds",
+    ] {
+        assert!(!first[k].is_null(), "metrics.jsonl lacks {k}: {first}");
+    }
+    // keep = 2: steps 160 and the final 170 remain, both verifiable.
+    let ckpts: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(ckpts, ["step-0000000160", "step-0000000170"]);
+    let last = checkpoint::load(&out.join("checkpoints/step-0000000170")).unwrap();
+    assert_eq!(last.meta.step, 170);
+    assert!(last.meta.final_);
+}
+
+fn final_params(out: &Path, step: u64) -> Vec<f32> {
+    checkpoint::load(&out.join(format!("checkpoints/step-{step:010}")))
+        .unwrap()
+        .state
+        .params
+}
+
+#[test]
+fn one_and_three_workers_fed_the_same_batches_agree_after_50_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1600 samples, batch 32, no validation: exactly 50 steps.
+    let job = synthetic_job(dir.path(), "fifty", 1600, 1, 0.0, 0);
+    let mut params = Vec::new();
+    for workers in ["1", "3"] {
+        let out = dir.path().join(format!("run-{workers}"));
+        let (ok, v, stderr) = run_json(&[
+            "local",
+            "--workers",
+            workers,
+            "--out",
+            out.to_str().unwrap(),
+            job.to_str().unwrap(),
+        ]);
+        assert!(ok && v["steps"] == 50, "{v} {stderr}");
+        params.push(final_params(&out, 50));
+    }
+    let (a, b) = (&params[0], &params[1]);
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        let rel = (x - y).abs() / x.abs().max(y.abs()).max(1e-3);
+        worst = worst.max(rel);
+    }
+    assert!(worst <= 1e-5, "largest relative difference {worst}");
+    assert_ne!(a, &vec![0f32; a.len()]);
+}
+
+fn job_text(mutate: impl FnOnce(String) -> String) -> String {
+    let base = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/seed-mlp.toml"
+    ))
+    .unwrap();
+    mutate(base)
+}
+
+fn expect_rejected(text: String, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let (ok, v, stderr) = run_json(&["local", "--workers", "1", path.to_str().unwrap()]);
+    assert!(!ok, "a malformed job was accepted: {v}");
+    let err = v["error"].as_str().unwrap_or_default().to_string();
+    for n in needles {
+        assert!(
+            err.contains(n) && stderr.contains(n),
+            "error {err:?} (stderr {stderr:?}) lacks {n:?}"
+        );
+    }
+}
+
+#[test]
+fn malformed_job_files_name_the_field_and_exit_non_zero() {
+    expect_rejected(
+        job_text(|t| t.replace("epochs = 10", "epochs = 10\nlearning_rat = 0.1")),
+        &["bad.toml", "learning_rat"],
+    );
+    expect_rejected(
+        job_text(|t| t.replacen("activation = \"relu\"", "activation = \"relu6\"", 1)),
+        &["model.layers[0].activation", "relu6", "expected one of"],
+    );
+    expect_rejected(
+        job_text(|t| t.replace("input = 100", "input = 99")),
+        &["model.input", "99", "100 features"],
+    );
+    expect_rejected(
+        job_text(|t| {
+            t.replace(
+                r#"train = { format = "synthetic", samples = 60000, features = 100, classes = 10 }"#,
+                r#"train = { format = "idx", images = "missing-images.gz", labels = "missing-labels.gz" }"#,
+            )
+        }),
+        &["data.train.images", "file not found"],
+    );
+    expect_rejected(
+        job_text(|t| t.replace("batch_size = 32 ", "batch_size = 0 ")),
+        &["batch_size", "at least 1"],
+    );
+}
