@@ -2,6 +2,8 @@
 //! `submit`/`status`/`watch`/`cancel`/`jobs` against it. Also the failure path: a worker
 //! killed mid-job fails the job, naming the worker and generation, and nothing hangs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

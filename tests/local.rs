@@ -1,5 +1,7 @@
 //! `ringtrain local` end to end: real worker processes, real gRPC, real files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

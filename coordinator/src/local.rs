@@ -44,7 +44,8 @@ pub async fn run_local(
     // Validate and load first: bad input fails before any process starts.
     let req = submit_request(&opts.job, opts.out.as_deref(), opts.workers)?;
     let core = Coordinator::new(ServerConfig {
-        data_dir: PathBuf::from("runs"),
+        // Run directories land in ./runs/<name>-<id>/ (checkpoints inside them).
+        data_dir: PathBuf::from("."),
         collective_timeout: opts.collective_timeout,
     });
     let job_id = core.submit(req).await?;

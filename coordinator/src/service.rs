@@ -611,7 +611,7 @@ impl Coordinator {
             )
         };
         let decode = |b: &[u8], what: &str| -> Result<Vec<f32>, CoordinatorError> {
-            if b.len() % 4 != 0 {
+            if !b.len().is_multiple_of(4) {
                 return Err(CoordinatorError::Precondition(format!(
                     "{what} is not a whole number of f32s"
                 )));

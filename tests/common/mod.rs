@@ -1,7 +1,7 @@
 //! Helpers for end-to-end tests: real `ringtrain` processes on 127.0.0.1 with ephemeral
 //! ports, killed when the test ends (pass or fail).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

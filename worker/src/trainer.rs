@@ -348,7 +348,8 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 param_hash: crate::param_hash(&params),
                 global_batch: m as u32,
             }));
-            if rank == 0 && plan.checkpoint_every > 0 && step % plan.checkpoint_every == 0 {
+            if rank == 0 && plan.checkpoint_every > 0 && step.is_multiple_of(plan.checkpoint_every)
+            {
                 upload(ctx, &params, &adam, step, epoch, false)?;
             }
         }
