@@ -168,10 +168,7 @@ impl JobFile {
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let mut message = inner.message().trim().to_string();
-            if message.contains("unknown variant") && path.ends_with("activation") {
-                message = format!("{message} (expected one of {})", Activation::NAMES);
-            }
+            let message = inner.message().trim().to_string();
             let field = match (path.as_str(), inner.span()) {
                 ("." | "", Some(s)) => format!("line {}", line_of(text, s.start)),
                 (p, Some(s)) => format!("{p} (line {})", line_of(text, s.start)),
