@@ -327,9 +327,14 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             buf[p + 1] = stats.correct as f32;
             {
                 let t = Instant::now();
-                let _ar = info_span!("all_reduce", bytes = buf.len() * 4).entered();
+                let span = info_span!(
+                    "all_reduce",
+                    bytes = buf.len() * 4,
+                    seconds = tracing::field::Empty
+                );
+                let _ar = span.enter();
                 block_on(ctx, ring.all_reduce(&mut buf, step))?;
-                tracing::trace!(seconds = t.elapsed().as_secs_f64(), "all-reduce done");
+                span.record("seconds", t.elapsed().as_secs_f64());
             }
             let (loss_sum, correct) = (buf[p] as f64, buf[p + 1] as u64);
             let inv = 1.0 / m as f32;
