@@ -1,6 +1,7 @@
 //! `ringtrain`: the command-line entry point of the cluster (and the container image's
 //! entrypoint for both roles). Parses arguments, installs tracing, calls a library `run`.
 
+mod model_cmds;
 mod progress;
 
 use std::io::IsTerminal;
@@ -105,6 +106,50 @@ enum Command {
     },
     /// List jobs.
     Jobs,
+    /// Predict with a saved model (a run directory); no cluster needed.
+    Predict {
+        /// The run directory holding model.json and model.safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// Rows from a CSV with a header (feature columns are picked by name).
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// IDX3 images.
+        #[arg(long)]
+        idx: Option<PathBuf>,
+        /// A 2-D NPY feature array.
+        #[arg(long)]
+        npy: Option<PathBuf>,
+        /// Write the predictions as CSV here.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Evaluate a saved model on labelled data: loss, metrics, confusion matrix.
+    Evaluate {
+        /// The run directory holding model.json and model.safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// A CSV with a header and a label column.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// The CSV's label column (default: the one the model was trained with).
+        #[arg(long)]
+        label: Option<String>,
+        /// IDX3 images and IDX1 labels.
+        #[arg(long, num_args = 2, value_names = ["IMAGES", "LABELS"])]
+        idx: Option<Vec<PathBuf>>,
+        /// NPY features and labels.
+        #[arg(long, num_args = 2, value_names = ["FEATURES", "LABELS"])]
+        npy: Option<Vec<PathBuf>>,
+    },
+    /// Draw a run's loss and metric curves to PNG.
+    Plot {
+        /// The run directory (holding metrics.jsonl).
+        run_dir: PathBuf,
+        /// Output file (default RUN_DIR/curves.png).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Differential-privacy accounting for DP-SGD (Poisson-subsampled Gaussian).
     Privacy {
         #[command(subcommand)]
@@ -330,6 +375,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(status_err)?
                 .into_inner();
             progress::print_status(&s, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Predict {
+            model,
+            csv,
+            idx,
+            npy,
+            output,
+        } => {
+            init_tracing("warn");
+            let input = model_cmds::input(csv, None, idx.map(|p| vec![p]), npy.map(|p| vec![p]))?;
+            model_cmds::predict(&model, input, output, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Evaluate {
+            model,
+            csv,
+            label,
+            idx,
+            npy,
+        } => {
+            init_tracing("warn");
+            let input = model_cmds::input(csv, label, idx, npy)?;
+            model_cmds::evaluate(&model, input, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { run_dir, output } => {
+            init_tracing("warn");
+            model_cmds::plot(&run_dir, output, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Privacy { command } => {

@@ -41,20 +41,33 @@ impl Progress {
             if self.tty {
                 let _ = write!(err, "\r\x1b[2K");
             }
-            let val = match (h.val_loss, h.val_accuracy) {
-                (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
-                _ => String::new(),
-            };
+            // loss first, then train metrics, then validation ones, each alphabetically.
+            let mut keys: Vec<&String> = h.metrics.keys().collect();
+            keys.sort_by_key(|k| {
+                (
+                    k.starts_with("val_"),
+                    k.trim_start_matches("val_") != "loss",
+                    k.as_str(),
+                )
+            });
+            let parts: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{k} {:.4}", h.metrics[*k]))
+                .collect();
             let _ = writeln!(
                 err,
-                "epoch {}/{} - {:.1}s - loss {:.4} - accuracy {:.4}{val} - {:.0} samples/s",
-                h.epoch, s.epochs, h.seconds, h.loss, h.accuracy, h.samples_per_sec
+                "epoch {}/{} - {:.1}s - {} - {:.0} samples/s",
+                h.epoch,
+                s.epochs,
+                h.seconds,
+                parts.join(" - "),
+                h.samples_per_sec
             );
         }
         self.epochs_shown = s.history.len();
         if self.tty && s.state == "running" && self.last_draw.is_none_or(|t| t.elapsed() >= REDRAW)
         {
-            let m = s.metrics.unwrap_or_default();
+            let m = s.metrics.clone().unwrap_or_default();
             let frac = if s.total_steps > 0 {
                 s.step as f64 / s.total_steps as f64
             } else {
@@ -100,6 +113,9 @@ fn metrics_json(m: &Metrics) -> Value {
             o.insert(k.into(), json!(v));
         }
     }
+    for (k, v) in &m.other {
+        o.insert(k.clone(), json!(v));
+    }
     Value::Object(o)
 }
 
@@ -116,10 +132,13 @@ pub fn status_json(s: &JobStatus) -> Value {
         "total_steps": s.total_steps,
         "generation": s.generation,
         "verified_steps": s.verified_steps,
-        "metrics": metrics_json(&s.metrics.unwrap_or_default()),
+        "metrics": metrics_json(&s.metrics.clone().unwrap_or_default()),
         "samples_per_sec": s.samples_per_sec,
         "out_dir": s.out_dir,
     });
+    if s.stopped_epoch > 0 {
+        v["stopped_epoch"] = json!(s.stopped_epoch);
+    }
     if !s.error.is_empty() {
         v["error"] = json!(s.error);
     }
@@ -132,7 +151,7 @@ pub fn print_result(s: &JobStatus, json: bool) {
         println!("{}", status_json(s));
         return;
     }
-    let m = s.metrics.unwrap_or_default();
+    let m = s.metrics.clone().unwrap_or_default();
     println!(
         "job {} {}: {} steps on {} workers",
         s.job_id, s.state, s.step, s.workers
@@ -166,7 +185,7 @@ pub fn print_status(s: &JobStatus, json: bool) {
         println!("{}", status_json(s));
         return;
     }
-    let m = s.metrics.unwrap_or_default();
+    let m = s.metrics.clone().unwrap_or_default();
     println!(
         "{} {} {} epoch {}/{} step {}/{} loss {} accuracy {}",
         s.job_id,

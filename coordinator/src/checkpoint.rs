@@ -1,9 +1,9 @@
 //! The checkpoint store: atomic, checksummed, pruned to the newest N.
 //!
 //! A checkpoint is a directory `step-<step>/` holding
-//! - `state.safetensors`: parameters and Adam moments, one tensor per layer and kind
-//!   (`dense_0.kernel`, `adam_m.dense_0.kernel`, ...);
-//! - `meta.json`: [`CheckpointMeta`] (step, epoch, generation, Adam t, job-spec hash, ...);
+//! - `state.safetensors`: parameters and optimizer state, one tensor per layer and kind
+//!   (`dense_0.kernel`, `opt.m.dense_0.kernel`, ...);
+//! - `meta.json`: [`CheckpointMeta`] (step, epoch, generation, optimizer t, job-spec hash, ...);
 //! - `CHECKSUM`: hex SHA-256 over the bytes of `state.safetensors` then `meta.json`.
 //!
 //! It is written into a hidden temporary directory, every file fsynced, then renamed into
@@ -35,8 +35,10 @@ pub struct CheckpointMeta {
     pub step: u64,
     /// Epochs completed.
     pub epoch: u32,
-    /// Adam's step count.
-    pub adam_t: u64,
+    /// The optimizer's step count.
+    pub optimizer_t: u64,
+    /// Names of the optimizer state buffers saved as `opt.<name>.*`.
+    pub optimizer_slots: Vec<String>,
     /// SHA-256 of the canonical job spec: a resume must use the same spec.
     pub spec_hash: String,
     /// xxh3-64 of the parameter bytes as the replicas reported it.
@@ -52,10 +54,8 @@ pub struct CheckpointMeta {
 pub struct TrainingState {
     /// Parameters.
     pub params: Vec<f32>,
-    /// Adam first moments.
-    pub adam_m: Vec<f32>,
-    /// Adam second moments.
-    pub adam_v: Vec<f32>,
+    /// Optimizer state buffers in the order of `CheckpointMeta::optimizer_slots`.
+    pub slots: Vec<Vec<f32>>,
 }
 
 /// A checkpoint read back and verified.
@@ -188,14 +188,26 @@ impl CheckpointStore {
             "creating {}",
             self.dir.display()
         )))?;
-        let tensors = tensors_bytes(
-            &meta.model,
-            &[
-                ("", &state.params),
-                ("adam_m", &state.adam_m),
-                ("adam_v", &state.adam_v),
-            ],
-        )?;
+        if state.slots.len() != meta.optimizer_slots.len() {
+            return Err(CoordinatorError::Precondition(format!(
+                "{} optimizer buffers for slots {:?}",
+                state.slots.len(),
+                meta.optimizer_slots
+            )));
+        }
+        let names: Vec<String> = meta
+            .optimizer_slots
+            .iter()
+            .map(|n| format!("opt.{n}"))
+            .collect();
+        let mut groups: Vec<(&str, &[f32])> = vec![("", &state.params)];
+        groups.extend(
+            names
+                .iter()
+                .map(|n| n.as_str())
+                .zip(state.slots.iter().map(|v| v.as_slice())),
+        );
+        let tensors = tensors_bytes(&meta.model, &groups)?;
         let meta_bytes = serde_json::to_vec_pretty(meta)
             .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
         let name = format!("step-{:010}", meta.step);
@@ -291,10 +303,13 @@ pub fn load(path: &Path) -> Result<Checkpoint, CoordinatorError> {
         serde_json::from_slice(&meta_bytes).map_err(|e| corrupt(format!("{META}: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&tensors)
         .map_err(|e| corrupt(format!("{TENSORS}: {e}")))?;
+    let mut slots = Vec::new();
+    for n in &meta.optimizer_slots {
+        slots.push(read_group(&st, &meta.model, &format!("opt.{n}")).map_err(corrupt)?);
+    }
     let state = TrainingState {
         params: read_group(&st, &meta.model, "").map_err(corrupt)?,
-        adam_m: read_group(&st, &meta.model, "adam_m").map_err(corrupt)?,
-        adam_v: read_group(&st, &meta.model, "adam_v").map_err(corrupt)?,
+        slots,
     };
     Ok(Checkpoint {
         path: path.to_path_buf(),
@@ -315,16 +330,14 @@ mod tests {
             generation: 1,
             step,
             epoch: 0,
-            adam_t: step,
+            optimizer_t: step,
+            optimizer_slots: vec!["m".into(), "v".into()],
             spec_hash: "abc".into(),
             param_hash: 0,
             final_: false,
             model: ModelSpec {
                 input: 3,
-                layers: vec![LayerSpec {
-                    dense: 2,
-                    activation: Activation::Softmax,
-                }],
+                layers: vec![LayerSpec::dense(2, Activation::Softmax)],
             },
         }
     }
@@ -333,8 +346,7 @@ mod tests {
         let n = 8;
         TrainingState {
             params: (0..n).map(|i| i as f32 * seed).collect(),
-            adam_m: vec![seed; n],
-            adam_v: vec![seed * 2.0; n],
+            slots: vec![vec![seed; n], vec![seed * 2.0; n]],
         }
     }
 

@@ -1,22 +1,45 @@
-//! Datasets the coordinator reads and shards: synthetic Gaussian clusters and IDX files.
+//! Datasets the coordinator reads and shards: synthetic, IDX, CSV and NPY, plus the
+//! feature normalization fitted on the training split.
 
 use std::io::Read;
 use std::path::Path;
 
 use ringtrain_worker::rng::{derive_seed, Rng};
+use serde::{Deserialize, Serialize};
 
+use crate::csv_table::{read_csv, LabelColumn};
 use crate::error::CoordinatorError;
-use crate::job_file::DataSource;
+use crate::job_file::{DataSource, NormalizeKind, Task};
+use crate::npy::{read_npy_features, read_npy_labels};
 
-/// Rows of features with integer class labels, row-major.
+/// Rows of features with one target each (a class index or a regression value).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Dataset {
-    /// rows x features values.
+    /// rows x features values, row-major.
     pub x: Vec<f32>,
-    /// One label per row.
-    pub y: Vec<u32>,
+    /// One target per row.
+    pub y: Vec<f32>,
     /// Features per row.
     pub features: usize,
+    /// Column names, when the source has them (CSV).
+    pub feature_names: Option<Vec<String>>,
+    /// Name of the target column, when the source has one (CSV).
+    pub label_name: Option<String>,
+    /// How to say where row `i` came from in an error: "line 7" for CSV, "element 7"
+    /// for arrays.
+    pub row_origin: RowOrigin,
+    /// Where the data came from, for errors.
+    pub origin: String,
+}
+
+/// How row numbers map to places in the source file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RowOrigin {
+    /// Row i is line i + 2 (a header line, 1-based lines).
+    #[default]
+    CsvLine,
+    /// Row i is array element i.
+    Element,
 }
 
 impl Dataset {
@@ -25,9 +48,12 @@ impl Dataset {
         self.y.len()
     }
 
-    /// Number of classes implied by the labels (max + 1).
-    pub fn classes(&self) -> usize {
-        self.y.iter().max().map(|&m| m as usize + 1).unwrap_or(0)
+    /// Where row `i` is, for messages.
+    pub fn place(&self, i: usize) -> String {
+        match self.row_origin {
+            RowOrigin::CsvLine => format!("{}: line {}", self.origin, i + 2),
+            RowOrigin::Element => format!("{}: element {i}", self.origin),
+        }
     }
 
     /// Rows `[start, end)` as a new dataset.
@@ -35,7 +61,19 @@ impl Dataset {
         Dataset {
             x: self.x[start * self.features..end * self.features].to_vec(),
             y: self.y[start..end].to_vec(),
+            ..self.clone_meta()
+        }
+    }
+
+    fn clone_meta(&self) -> Dataset {
+        Dataset {
+            x: Vec::new(),
+            y: Vec::new(),
             features: self.features,
+            feature_names: self.feature_names.clone(),
+            label_name: self.label_name.clone(),
+            row_origin: self.row_origin,
+            origin: self.origin.clone(),
         }
     }
 
@@ -48,6 +86,22 @@ impl Dataset {
         (head, tail)
     }
 
+    /// Checks every target is a class index below `classes`; the error names the row.
+    pub fn check_classes(&self, classes: usize, field: &str) -> Result<(), CoordinatorError> {
+        for (i, &v) in self.y.iter().enumerate() {
+            if !(v.is_finite() && v >= 0.0 && v.fract() == 0.0 && (v as usize) < classes) {
+                return Err(CoordinatorError::Data {
+                    path: self.place(i),
+                    message: format!(
+                        "label {v} is out of range: {field} needs class indices 0..{} for this model",
+                        classes.saturating_sub(1)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Loads a data source; `seed` drives synthetic data.
     pub fn load(src: &DataSource, seed: u64) -> Result<Dataset, CoordinatorError> {
         match src {
@@ -55,15 +109,159 @@ impl Dataset {
                 samples,
                 features,
                 classes,
+                task,
                 noise,
-            } => Ok(synthetic(
-                *samples,
-                *features,
-                *classes,
-                noise.unwrap_or(2.5),
-                seed,
-            )),
+            } => Ok(match task {
+                Task::Classification => synthetic(
+                    *samples,
+                    *features,
+                    classes.unwrap_or(2),
+                    noise.unwrap_or(2.5),
+                    seed,
+                ),
+                Task::Regression => {
+                    synthetic_regression(*samples, *features, noise.unwrap_or(0.1), seed)
+                }
+            }),
             DataSource::Idx { images, labels } => idx(images, labels),
+            DataSource::Csv {
+                path,
+                label,
+                label_index,
+                features,
+            } => {
+                let col = match (label, label_index) {
+                    (_, Some(i)) => LabelColumn::Index(*i),
+                    (Some(n), None) => LabelColumn::Name(n.clone()),
+                    (None, None) => LabelColumn::Name("label".into()),
+                };
+                let t = read_csv(path, &col, features.as_deref())?;
+                let label_name = match col {
+                    LabelColumn::Name(n) => Some(n),
+                    _ => None,
+                };
+                Ok(Dataset {
+                    features: t.features,
+                    x: t.x,
+                    y: t.y,
+                    feature_names: Some(t.feature_names),
+                    label_name,
+                    row_origin: RowOrigin::CsvLine,
+                    origin: path.display().to_string(),
+                })
+            }
+            DataSource::Npy { features, labels } => {
+                let (x, rows, d) = read_npy_features(features)?;
+                let y = read_npy_labels(labels)?;
+                if y.len() != rows {
+                    return Err(CoordinatorError::Data {
+                        path: labels.display().to_string(),
+                        message: format!(
+                            "{} labels for {rows} feature rows in {}",
+                            y.len(),
+                            features.display()
+                        ),
+                    });
+                }
+                Ok(Dataset {
+                    x,
+                    y,
+                    features: d,
+                    feature_names: None,
+                    label_name: None,
+                    row_origin: RowOrigin::Element,
+                    origin: labels.display().to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// Per-feature scaling fitted on the training split; saved with the model and applied
+/// by predict and evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Normalization {
+    /// No scaling.
+    None,
+    /// (x − min) / (max − min); a constant feature maps to 0.
+    Minmax {
+        /// Per-feature minimum.
+        min: Vec<f32>,
+        /// Per-feature maximum.
+        max: Vec<f32>,
+    },
+    /// (x − mean) / std (population std); a constant feature maps to 0.
+    Standard {
+        /// Per-feature mean.
+        mean: Vec<f32>,
+        /// Per-feature standard deviation.
+        std: Vec<f32>,
+    },
+}
+
+impl Normalization {
+    /// Fits `kind` on a training split.
+    pub fn fit(kind: NormalizeKind, d: &Dataset) -> Normalization {
+        let f = d.features;
+        let rows = d.rows().max(1);
+        match kind {
+            NormalizeKind::None => Normalization::None,
+            NormalizeKind::Minmax => {
+                let mut min = vec![f32::INFINITY; f];
+                let mut max = vec![f32::NEG_INFINITY; f];
+                for row in d.x.chunks(f) {
+                    for j in 0..f {
+                        min[j] = min[j].min(row[j]);
+                        max[j] = max[j].max(row[j]);
+                    }
+                }
+                Normalization::Minmax { min, max }
+            }
+            NormalizeKind::Standard => {
+                let mut mean = vec![0f64; f];
+                for row in d.x.chunks(f) {
+                    for j in 0..f {
+                        mean[j] += row[j] as f64;
+                    }
+                }
+                mean.iter_mut().for_each(|m| *m /= rows as f64);
+                let mut var = vec![0f64; f];
+                for row in d.x.chunks(f) {
+                    for j in 0..f {
+                        let e = row[j] as f64 - mean[j];
+                        var[j] += e * e;
+                    }
+                }
+                Normalization::Standard {
+                    mean: mean.iter().map(|&m| m as f32).collect(),
+                    std: var
+                        .iter()
+                        .map(|&v| (v / rows as f64).sqrt() as f32)
+                        .collect(),
+                }
+            }
+        }
+    }
+
+    /// Scales rows of `features` values in place.
+    pub fn apply(&self, x: &mut [f32], features: usize) {
+        let (shift, scale): (&[f32], Vec<f32>) = match self {
+            Normalization::None => return,
+            Normalization::Minmax { min, max } => {
+                (min, min.iter().zip(max).map(|(a, b)| b - a).collect())
+            }
+            Normalization::Standard { mean, std } => (mean, std.clone()),
+        };
+        for row in x.chunks_mut(features) {
+            for j in 0..features {
+                let s = scale[j];
+                row[j] = if s > 0.0 {
+                    (row[j] - shift[j]) / s
+                } else {
+                    0.0
+                };
+            }
         }
     }
 }
@@ -86,12 +284,48 @@ pub fn synthetic(
     let mut y = Vec::with_capacity(samples);
     for _ in 0..samples {
         let c = rng.below(classes as u64) as usize;
-        y.push(c as u32);
+        y.push(c as f32);
         for f in 0..features {
             x.push((centres[c * features + f] + noise * rng.normal()) as f32);
         }
     }
-    Dataset { x, y, features }
+    Dataset {
+        x,
+        y,
+        features,
+        row_origin: RowOrigin::Element,
+        origin: "synthetic data".into(),
+        ..Dataset::default()
+    }
+}
+
+/// Regression target y = u + 0.5·sin(2u) + noise·N(0, 1) with u = w·x / sqrt(d), x and w
+/// standard normal: smooth, nonlinear, and learnable by a small MLP.
+pub fn synthetic_regression(samples: usize, features: usize, noise: f64, seed: u64) -> Dataset {
+    let mut wr = Rng::new(derive_seed(seed, &[0x5745_4947])); // "WEIG"
+    let w: Vec<f64> = (0..features).map(|_| wr.normal()).collect();
+    let mut rng = Rng::new(derive_seed(seed, &[0x5245_4752])); // "REGR"
+    let mut x = Vec::with_capacity(samples * features);
+    let mut y = Vec::with_capacity(samples);
+    let norm = (features as f64).sqrt();
+    for _ in 0..samples {
+        let mut u = 0.0;
+        for wf in &w {
+            let v = rng.normal();
+            u += wf * v;
+            x.push(v as f32);
+        }
+        u /= norm;
+        y.push((u + 0.5 * (2.0 * u).sin() + noise * rng.normal()) as f32);
+    }
+    Dataset {
+        x,
+        y,
+        features,
+        row_origin: RowOrigin::Element,
+        origin: "synthetic data".into(),
+        ..Dataset::default()
+    }
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, CoordinatorError> {
@@ -115,18 +349,18 @@ fn be_u32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Reads an IDX3 image file and an IDX1 label file (LeCun's MNIST format: big-endian
-/// magic 0x00000803 / 0x00000801, dimensions, then unsigned bytes).
-pub fn idx(images: &Path, labels: &Path) -> Result<Dataset, CoordinatorError> {
-    let bad = |p: &Path, m: String| CoordinatorError::Data {
-        path: p.display().to_string(),
+/// Reads an IDX3 image file (LeCun's MNIST format: big-endian magic 0x00000803, count,
+/// rows, columns, then unsigned bytes); pixels are scaled to [0, 1]. Returns the pixels
+/// and the features per image.
+pub fn idx_images(images: &Path) -> Result<(Vec<f32>, usize), CoordinatorError> {
+    let bad = |m: String| CoordinatorError::Data {
+        path: images.display().to_string(),
         message: m,
     };
     let img = read_maybe_gz(images)?;
     if img.len() < 16 || be_u32(&img, 0) != 0x0000_0803 {
         return Err(bad(
-            images,
-            "not an IDX3 u8 image file (magic 0x00000803 expected)".into(),
+            "not an IDX3 u8 image file (magic 0x00000803 expected)".into()
         ));
     }
     let (n, r, c) = (
@@ -136,36 +370,57 @@ pub fn idx(images: &Path, labels: &Path) -> Result<Dataset, CoordinatorError> {
     );
     let features = r * c;
     if img.len() != 16 + n * features {
-        return Err(bad(
-            images,
-            format!(
-                "header says {n} images of {r}x{c} but the file has {} pixel bytes",
-                img.len() - 16
-            ),
-        ));
+        return Err(bad(format!(
+            "header says {n} images of {r}x{c} but the file has {} pixel bytes",
+            img.len() - 16
+        )));
     }
+    Ok((
+        img[16..].iter().map(|&p| p as f32 / 255.0).collect(),
+        features,
+    ))
+}
+
+/// Reads an IDX1 label file (magic 0x00000801, count, then unsigned bytes).
+pub fn idx_labels(labels: &Path) -> Result<Vec<f32>, CoordinatorError> {
     let lab = read_maybe_gz(labels)?;
     if lab.len() < 8 || be_u32(&lab, 0) != 0x0000_0801 {
-        return Err(bad(
-            labels,
-            "not an IDX1 u8 label file (magic 0x00000801 expected)".into(),
-        ));
+        return Err(CoordinatorError::Data {
+            path: labels.display().to_string(),
+            message: "not an IDX1 u8 label file (magic 0x00000801 expected)".into(),
+        });
     }
     let m = be_u32(&lab, 4) as usize;
-    if lab.len() != 8 + m || m != n {
-        return Err(bad(
-            labels,
-            format!(
-                "{m} labels (file has {} bytes) for {n} images in {}",
-                lab.len() - 8,
-                images.display()
+    if lab.len() != 8 + m {
+        return Err(CoordinatorError::Data {
+            path: labels.display().to_string(),
+            message: format!(
+                "header says {m} labels but the file has {} label bytes",
+                lab.len() - 8
             ),
-        ));
+        });
+    }
+    Ok(lab[8..].iter().map(|&l| l as f32).collect())
+}
+
+/// Reads an IDX image file and its label file as one dataset.
+pub fn idx(images: &Path, labels: &Path) -> Result<Dataset, CoordinatorError> {
+    let (x, features) = idx_images(images)?;
+    let y = idx_labels(labels)?;
+    let n = x.len() / features.max(1);
+    if y.len() != n {
+        return Err(CoordinatorError::Data {
+            path: labels.display().to_string(),
+            message: format!("{} labels for {n} images in {}", y.len(), images.display()),
+        });
     }
     Ok(Dataset {
-        x: img[16..].iter().map(|&p| p as f32 / 255.0).collect(),
-        y: lab[8..].iter().map(|&l| l as u32).collect(),
+        x,
+        y,
         features,
+        row_origin: RowOrigin::Element,
+        origin: labels.display().to_string(),
+        ..Dataset::default()
     })
 }
 
@@ -179,7 +434,8 @@ mod tests {
         assert_eq!(a, synthetic(50, 4, 3, 1.0, 7));
         assert_ne!(a, synthetic(50, 4, 3, 1.0, 8));
         assert_eq!(a.rows(), 50);
-        assert!(a.classes() <= 3);
+        assert!(a.check_classes(3, "data.train").is_ok());
+        assert!(a.check_classes(1, "data.train").is_err());
     }
 
     #[test]
@@ -190,7 +446,8 @@ mod tests {
             &dir.join("t10k-labels-idx1-ubyte.gz"),
         )
         .unwrap();
-        assert_eq!((d.rows(), d.features, d.classes()), (1000, 784, 10));
+        assert_eq!((d.rows(), d.features), (1000, 784));
+        d.check_classes(10, "data.test").unwrap();
         assert!(d.x.iter().all(|v| (0.0..=1.0).contains(v)));
     }
 
@@ -206,6 +463,33 @@ mod tests {
             e.contains("img") && e.contains("header says 2 images"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn normalization_uses_the_fitted_statistics() {
+        let d = Dataset {
+            x: vec![1.0, 10.0, 3.0, 10.0],
+            y: vec![0.0, 1.0],
+            features: 2,
+            ..Dataset::default()
+        };
+        let s = Normalization::fit(NormalizeKind::Standard, &d);
+        let mut x = d.x.clone();
+        s.apply(&mut x, 2);
+        assert_eq!(x, vec![-1.0, 0.0, 1.0, 0.0]); // constant feature maps to 0
+        let m = Normalization::fit(NormalizeKind::Minmax, &d);
+        let mut x = vec![2.0, 10.0];
+        m.apply(&mut x, 2);
+        assert_eq!(x, vec![0.5, 0.0]);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Normalization>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn regression_data_is_deterministic() {
+        let a = synthetic_regression(20, 3, 0.1, 5);
+        assert_eq!(a, synthetic_regression(20, 3, 0.1, 5));
+        assert!(a.y.iter().any(|v| v.fract() != 0.0));
     }
 
     #[test]

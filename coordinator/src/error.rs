@@ -28,6 +28,9 @@ pub enum CoordinatorError {
         /// What is wrong.
         message: String,
     },
+    /// A CSV or NPY file is malformed (the message names file, line and column).
+    #[error(transparent)]
+    Table(#[from] crate::csv_table::TableError),
     /// No such job.
     #[error("no job with id {0} (list jobs with `ringtrain jobs`)")]
     UnknownJob(String),

@@ -21,7 +21,9 @@ use crate::service::Coordinator;
 pub fn to_status(e: CoordinatorError) -> Status {
     let msg = e.to_string();
     match e {
-        CoordinatorError::Spec(_) | CoordinatorError::Data { .. } => Status::invalid_argument(msg),
+        CoordinatorError::Spec(_) | CoordinatorError::Data { .. } | CoordinatorError::Table(_) => {
+            Status::invalid_argument(msg)
+        }
         CoordinatorError::UnknownJob(_) => Status::not_found(msg),
         CoordinatorError::Precondition(_) => Status::failed_precondition(msg),
         CoordinatorError::CorruptCheckpoint { .. } => Status::data_loss(msg),

@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use ringtrain_worker::model::{Activation, ModelSpec};
-use ringtrain_worker::optimizer::AdamConfig;
+use ringtrain_worker::loss::{LossKind, Metric};
+use ringtrain_worker::model::ModelSpec;
+use ringtrain_worker::optimizer::{OptimizerConfig, Schedule};
+use ringtrain_worker::plan::EarlyStopping;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SpecError;
@@ -50,24 +52,59 @@ pub struct DataSection {
     /// validation after every epoch.
     #[serde(default)]
     pub validation_split: f64,
+    /// A separate validation set (instead of `validation_split`).
+    #[serde(default)]
+    pub validation: Option<DataSource>,
     /// Test data evaluated once at the end.
     #[serde(default)]
     pub test: Option<DataSource>,
+    /// Feature scaling fitted on the training split only and saved with the model.
+    #[serde(default)]
+    pub normalize: NormalizeKind,
+}
+
+/// Feature scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormalizeKind {
+    /// Features as they are.
+    #[default]
+    None,
+    /// (x − min) / (max − min) per feature.
+    Minmax,
+    /// (x − mean) / std per feature.
+    Standard,
+}
+
+/// What a synthetic dataset asks the model to learn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Gaussian clusters, one per class.
+    #[default]
+    Classification,
+    /// A smooth nonlinear function of the features plus noise.
+    Regression,
 }
 
 /// One dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "format", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DataSource {
-    /// Gaussian clusters generated from the job seed: learnable and deterministic.
+    /// Generated from the job seed: learnable and deterministic.
     Synthetic {
         /// Number of samples.
         samples: usize,
         /// Features per sample.
         features: usize,
-        /// Number of classes (clusters).
-        classes: usize,
-        /// Standard deviation of each cluster (default 2.5; centres are N(0, 1)).
+        /// Number of classes (classification; default 2).
+        #[serde(default)]
+        classes: Option<usize>,
+        /// Classification (default) or regression.
+        #[serde(default)]
+        task: Task,
+        /// Noise scale (classification: cluster std, default 2.5; regression: target
+        /// noise std, default 0.1).
         #[serde(default)]
         noise: Option<f64>,
     },
@@ -78,6 +115,49 @@ pub enum DataSource {
         /// IDX1 label file.
         labels: PathBuf,
     },
+    /// A CSV file with a header row.
+    Csv {
+        /// The file.
+        path: PathBuf,
+        /// Name of the target column (default "label" unless `label_index` is given).
+        #[serde(default)]
+        label: Option<String>,
+        /// 0-based index of the target column.
+        #[serde(default)]
+        label_index: Option<usize>,
+        /// Feature columns by name, in order (default: every other column).
+        #[serde(default)]
+        features: Option<Vec<String>>,
+    },
+    /// NumPy `.npy` arrays: features (rows × features) and labels (rows).
+    Npy {
+        /// 2-D feature array (f32, f64, u8 or i64).
+        features: PathBuf,
+        /// 1-D target array.
+        labels: PathBuf,
+    },
+}
+
+impl DataSource {
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        match self {
+            DataSource::Synthetic { .. } => Vec::new(),
+            DataSource::Idx { images, labels } => vec![images, labels],
+            DataSource::Csv { path, .. } => vec![path],
+            DataSource::Npy { features, labels } => vec![features, labels],
+        }
+    }
+
+    fn paths(&self) -> Vec<(&'static str, &PathBuf)> {
+        match self {
+            DataSource::Synthetic { .. } => Vec::new(),
+            DataSource::Idx { images, labels } => vec![("images", images), ("labels", labels)],
+            DataSource::Csv { path, .. } => vec![("path", path)],
+            DataSource::Npy { features, labels } => {
+                vec![("features", features), ("labels", labels)]
+            }
+        }
+    }
 }
 
 /// `[train]`.
@@ -86,42 +166,24 @@ pub enum DataSource {
 pub struct TrainSection {
     /// The optimizer (default Adam with Keras defaults).
     #[serde(default)]
-    pub optimizer: Optimizer,
+    pub optimizer: OptimizerConfig,
     /// The loss.
-    pub loss: Loss,
+    pub loss: LossKind,
     /// Metrics reported per epoch (the loss is always reported).
     #[serde(default)]
     pub metrics: Vec<Metric>,
-}
-
-/// Optimizer choice.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Optimizer {
-    /// Adam (Kingma & Ba 2015), Keras defaults.
-    Adam(AdamConfig),
-}
-
-impl Default for Optimizer {
-    fn default() -> Self {
-        Optimizer::Adam(AdamConfig::default())
-    }
-}
-
-/// Loss choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Loss {
-    /// Cross-entropy of integer labels against softmax outputs.
-    SparseCategoricalCrossentropy,
-}
-
-/// Metric choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    /// Fraction of arg-max predictions equal to the label.
-    Accuracy,
+    /// Learning-rate schedule (default constant).
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Linear learning-rate warm-up over this many steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Clip the averaged gradient to this global L2 norm.
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
+    /// Stop when a monitored metric stops improving.
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
 }
 
 /// `[checkpoint]`.
@@ -212,86 +274,140 @@ impl JobFile {
                 format!("{vs} is outside [0, 1)"),
             ));
         }
-        if self.model.input == 0 {
-            return Err(err("model.input", "must be at least 1".into()));
+        if vs > 0.0 && self.data.validation.is_some() {
+            return Err(err(
+                "data.validation",
+                "give either data.validation or data.validation_split, not both".into(),
+            ));
         }
-        if self.model.layers.is_empty() {
-            return Err(err("model.layers", "needs at least one layer".into()));
-        }
-        for (i, l) in self.model.layers.iter().enumerate() {
-            if l.dense == 0 {
+        self.model.validate().map_err(|(f, m)| err(&f, m))?;
+        let last = self
+            .model
+            .layout()
+            .last()
+            .map(|l| l.layer)
+            .unwrap_or_default();
+        self.train
+            .loss
+            .check_output(self.model.outputs(), self.model.output_activation())
+            .map_err(|m| err(&format!("model.layers[{last}]"), m))?;
+        for m in &self.train.metrics {
+            let regression_metric = matches!(m, Metric::Mae | Metric::Mse | Metric::R2);
+            if regression_metric == self.train.loss.is_classification() {
                 return Err(err(
-                    &format!("model.layers[{i}].dense"),
-                    "must be at least 1".into(),
+                    "train.metrics",
+                    format!(
+                        "{} does not apply to a {} loss",
+                        m.name(),
+                        if self.train.loss.is_classification() {
+                            "classification"
+                        } else {
+                            "regression"
+                        }
+                    ),
                 ));
             }
         }
-        let last = self.model.layers.len() - 1;
-        let act = self.model.layers[last].activation;
-        if !matches!(act, Activation::Softmax | Activation::Linear) {
-            return Err(err(
-                &format!("model.layers[{last}].activation"),
-                format!(
-                    "sparse_categorical_crossentropy needs a softmax (or linear logits) output layer, not {act:?}"
-                ),
-            ));
+        let opt = self.train.optimizer;
+        opt.validate()
+            .map_err(|(f, m)| err(&format!("train.optimizer.{f}"), m))?;
+        if self
+            .train
+            .clip_norm
+            .is_some_and(|c| !(c > 0.0 && c.is_finite()))
+        {
+            return Err(err("train.clip_norm", "must be a positive number".into()));
         }
-        let Optimizer::Adam(a) = &self.train.optimizer;
-        if !(a.learning_rate > 0.0 && a.learning_rate.is_finite()) {
-            return Err(err(
-                "train.optimizer.adam.learning_rate",
-                "must be a positive number".into(),
-            ));
-        }
-        if !(0.0..1.0).contains(&a.beta_1) || !(0.0..1.0).contains(&a.beta_2) {
-            return Err(err(
-                "train.optimizer.adam",
-                "beta_1 and beta_2 must be in [0, 1)".into(),
-            ));
+        if let Some(es) = &self.train.early_stopping {
+            let known = es.monitor == "loss"
+                || self.train.metrics.iter().any(|m| m.name() == es.monitor)
+                || es.monitor.strip_prefix("val_").is_some_and(|k| {
+                    k == "loss" || self.train.metrics.iter().any(|m| m.name() == k)
+                });
+            if !known {
+                return Err(err(
+                    "train.early_stopping.monitor",
+                    format!("{:?} is not a reported metric (use loss, val_loss or a val_ form of train.metrics)", es.monitor),
+                ));
+            }
+            if es.monitor.starts_with("val_") && vs == 0.0 && self.data.validation.is_none() {
+                return Err(err(
+                    "train.early_stopping.monitor",
+                    format!(
+                        "{} needs validation data: set data.validation_split or data.validation",
+                        es.monitor
+                    ),
+                ));
+            }
         }
         if self.checkpoint.keep == 0 {
             return Err(err("checkpoint.keep", "must be at least 1".into()));
         }
-        for (field, src) in [
+        let sources = [
             ("data.train", Some(&self.data.train)),
+            ("data.validation", self.data.validation.as_ref()),
             ("data.test", self.data.test.as_ref()),
-        ] {
-            match src {
-                Some(DataSource::Synthetic {
-                    samples,
-                    features,
-                    classes,
-                    noise,
-                }) => {
-                    if *samples == 0 || *features == 0 || *classes < 2 {
-                        return Err(err(
-                            field,
-                            "synthetic data needs samples >= 1, features >= 1 and classes >= 2"
-                                .into(),
-                        ));
-                    }
-                    if noise.is_some_and(|n| !(n >= 0.0 && n.is_finite())) {
-                        return Err(err(
-                            &format!("{field}.noise"),
-                            "must be a non-negative number".into(),
-                        ));
-                    }
+        ];
+        for (field, src) in sources {
+            let Some(src) = src else { continue };
+            if let DataSource::Synthetic {
+                samples,
+                features,
+                classes,
+                task,
+                noise,
+            } = src
+            {
+                if *samples == 0 || *features == 0 {
+                    return Err(err(
+                        field,
+                        "synthetic data needs samples >= 1 and features >= 1".into(),
+                    ));
                 }
-                Some(DataSource::Idx { images, labels }) => {
-                    for (key, p) in [("images", images), ("labels", labels)] {
-                        let full = base.join(p);
-                        if !full.is_file() {
-                            return Err(err(
-                                &format!("{field}.{key}"),
-                                format!(
-                                    "file not found: {} (paths resolve relative to the job file's directory)",
-                                    full.display()
-                                ),
-                            ));
-                        }
+                match (task, classes) {
+                    (Task::Classification, Some(c)) if *c < 2 => {
+                        return Err(err(
+                            &format!("{field}.classes"),
+                            "must be at least 2".into(),
+                        ))
                     }
+                    (Task::Regression, Some(_)) => {
+                        return Err(err(
+                            &format!("{field}.classes"),
+                            "does not apply to task = \"regression\"".into(),
+                        ))
+                    }
+                    _ => {}
                 }
-                None => {}
+                if noise.is_some_and(|n| !(n >= 0.0 && n.is_finite())) {
+                    return Err(err(
+                        &format!("{field}.noise"),
+                        "must be a non-negative number".into(),
+                    ));
+                }
+            }
+            if let DataSource::Csv {
+                label, label_index, ..
+            } = src
+            {
+                if label.is_some() && label_index.is_some() {
+                    return Err(err(
+                        field,
+                        "give either label or label_index, not both".into(),
+                    ));
+                }
+            }
+            for (key, p) in src.paths() {
+                let full = base.join(p);
+                if !full.is_file() {
+                    return Err(err(
+                        &format!("{field}.{key}"),
+                        format!(
+                            "file not found: {} (paths resolve relative to the job file's directory)",
+                            full.display()
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -301,12 +417,14 @@ impl JobFile {
     /// means the same wherever it is read later.
     pub fn resolved(mut self, base: &Path) -> JobFile {
         let fix = |src: &mut DataSource| {
-            if let DataSource::Idx { images, labels } = src {
-                *images = base.join(&*images);
-                *labels = base.join(&*labels);
+            for p in src.paths_mut() {
+                *p = base.join(&*p);
             }
         };
         fix(&mut self.data.train);
+        if let Some(v) = self.data.validation.as_mut() {
+            fix(v);
+        }
         if let Some(t) = self.data.test.as_mut() {
             fix(t);
         }

@@ -24,9 +24,9 @@ use tracing::{info, info_span, warn};
 
 use crate::checkpoint::{tensors_bytes, CheckpointMeta, CheckpointStore, TrainingState};
 use crate::config::ServerConfig;
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, Normalization};
 use crate::error::{CoordinatorError, SpecError};
-use crate::job_file::{DataSource, JobFile, Optimizer};
+use crate::job_file::JobFile;
 use crate::jobs::{JobId, JobState, ReplicaCheck, WorkerId};
 
 /// Control messages buffered per worker.
@@ -43,6 +43,7 @@ pub struct JobData {
     train: Dataset,
     validation: Dataset,
     test: Option<Dataset>,
+    normalization: Normalization,
 }
 
 #[derive(Debug)]
@@ -177,20 +178,24 @@ impl Coordinator {
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         };
-        let Optimizer::Adam(adam) = file.train.optimizer.clone();
         let plan = TrainingPlan {
             name: file.name.clone(),
             seed: file.seed,
             epochs: file.epochs,
             batch_size: file.batch_size,
             model: file.model.clone(),
-            optimizer: adam,
+            loss: file.train.loss,
+            metrics: file.train.metrics.clone(),
+            optimizer: file.train.optimizer,
+            schedule: file.train.schedule,
+            warmup_steps: file.train.warmup_steps,
+            clip_norm: file.train.clip_norm,
+            early_stopping: file.train.early_stopping.clone(),
             checkpoint_every: file.checkpoint.every_steps,
             train_samples: data.train.rows(),
             validation_samples: data.validation.rows(),
             test_samples: data.test.as_ref().map(|t| t.rows()).unwrap_or(0),
             features: data.train.features,
-            classes: file.model.outputs(),
             collective_timeout_ms: self.config.collective_timeout.as_millis() as u64,
         };
         let mut st = self.lock();
@@ -532,12 +537,20 @@ impl Coordinator {
                 append_metrics(&job.out_dir, &summary);
                 job.status.send_modify(|st| {
                     st.epoch = summary.epoch;
-                    st.history.push(summary);
                     let m = st.metrics.get_or_insert_with(Metrics::default);
                     m.loss = Some(summary.loss);
-                    m.accuracy = Some(summary.accuracy);
+                    m.accuracy = summary.metrics.get("accuracy").copied();
                     m.val_loss = summary.val_loss;
                     m.val_accuracy = summary.val_accuracy;
+                    for (k, v) in &summary.metrics {
+                        if !matches!(
+                            k.as_str(),
+                            "loss" | "accuracy" | "val_loss" | "val_accuracy"
+                        ) {
+                            m.other.insert(k.clone(), *v);
+                        }
+                    }
+                    st.history.push(summary.clone());
                     let (n, secs) = st.history.iter().fold((0.0, 0.0), |(n, t), h| {
                         (n + h.samples_per_sec * h.seconds, t + h.seconds)
                     });
@@ -569,11 +582,20 @@ impl Coordinator {
                     let msg = "rank 0 finished without uploading the final checkpoint".to_string();
                     self.end_job(&mut st, &r.job_id, JobState::Failed, Some(msg));
                 } else {
+                    let epochs = job.file.epochs;
                     job.status.send_modify(|st| {
                         st.step = f.steps;
+                        if f.epochs < epochs {
+                            st.stopped_epoch = f.epochs;
+                        }
                         let m = st.metrics.get_or_insert_with(Metrics::default);
                         m.test_loss = f.test_loss;
                         m.test_accuracy = f.test_accuracy;
+                        for (k, v) in &f.test_metrics {
+                            if !matches!(k.as_str(), "test_loss" | "test_accuracy") {
+                                m.other.insert(k.clone(), *v);
+                            }
+                        }
                     });
                     self.end_job(&mut st, &r.job_id, JobState::Completed, None);
                 }
@@ -588,7 +610,7 @@ impl Coordinator {
         &self,
         u: CheckpointUpload,
     ) -> Result<PathBuf, CoordinatorError> {
-        let (store, meta, out_dir, file) = {
+        let (store, meta, out_dir, info) = {
             let mut st = self.lock();
             let job = Self::member(&mut st, &u.job_id, u.generation, 0, "")?;
             let meta = CheckpointMeta {
@@ -597,7 +619,8 @@ impl Coordinator {
                 generation: u.generation,
                 step: u.step,
                 epoch: u.epoch,
-                adam_t: u.adam_t,
+                optimizer_t: u.optimizer_t,
+                optimizer_slots: u.slots.iter().map(|s| s.name.clone()).collect(),
                 spec_hash: job.spec_hash.clone(),
                 param_hash: u.param_hash,
                 final_: u.r#final,
@@ -607,7 +630,12 @@ impl Coordinator {
                 job.store.clone(),
                 meta,
                 job.out_dir.clone(),
-                job.file.clone(),
+                ModelInfo {
+                    file: job.file.clone(),
+                    normalization: job.data.normalization.clone(),
+                    feature_names: job.data.train.feature_names.clone(),
+                    label_name: job.data.train.label_name.clone(),
+                },
             )
         };
         let decode = |b: &[u8], what: &str| -> Result<Vec<f32>, CoordinatorError> {
@@ -622,8 +650,11 @@ impl Coordinator {
         };
         let state = TrainingState {
             params: decode(&u.params, "params")?,
-            adam_m: decode(&u.adam_m, "adam_m")?,
-            adam_v: decode(&u.adam_v, "adam_v")?,
+            slots: u
+                .slots
+                .iter()
+                .map(|s| decode(&s.data, &s.name))
+                .collect::<Result<_, _>>()?,
         };
         let final_ = u.r#final;
         let span = info_span!("checkpoint", job = %u.job_id, step = u.step, final_);
@@ -631,7 +662,7 @@ impl Coordinator {
             let _e = span.enter();
             let path = store.write(&meta, &state)?;
             if final_ {
-                write_model(&out_dir, &file, &meta, &state.params)?;
+                write_model(&out_dir, &info, &meta, &state.params)?;
             }
             info!(path = %path.display(), "checkpoint written");
             Ok::<_, CoordinatorError>(path)
@@ -705,46 +736,51 @@ impl Coordinator {
                     rows: idx.len() as u32,
                     features: x.into(),
                     labels: y.into(),
+                    indices: bytemuck::cast_slice::<u32, u8>(idx).to_vec().into(),
                 }
             })
             .collect())
     }
 }
 
-/// Loads a job's datasets and checks them against the model.
+/// What `model.json` says besides the architecture.
+#[derive(Debug, Clone)]
+struct ModelInfo {
+    file: JobFile,
+    normalization: Normalization,
+    feature_names: Option<Vec<String>>,
+    label_name: Option<String>,
+}
+
+/// Loads a job's datasets, checks them against the model and normalizes them with
+/// statistics of the training split.
 fn load_data(file: &JobFile, source: &str) -> Result<JobData, CoordinatorError> {
     let spec_err = |field: &str, message: String| SpecError {
         file: source.to_string(),
         field: field.to_string(),
         message,
     };
-    let full = Dataset::load(&file.data.train, file.seed)?;
-    let classes_of = |src: &DataSource, d: &Dataset| match src {
-        DataSource::Synthetic { classes, .. } => *classes,
-        DataSource::Idx { .. } => d.classes(),
+    let loss = file.train.loss;
+    let classes = loss.metric_classes(file.model.outputs());
+    let check = |d: &Dataset, field: &str| -> Result<(), CoordinatorError> {
+        if d.features != file.model.input {
+            return Err(spec_err(
+                "model.input",
+                format!(
+                    "{} does not match the {} features per sample of {field} (set model.input = {})",
+                    file.model.input, d.features, d.features
+                ),
+            )
+            .into());
+        }
+        if loss.is_classification() {
+            d.check_classes(classes, field)?;
+        }
+        Ok(())
     };
-    let classes = classes_of(&file.data.train, &full);
-    if full.features != file.model.input {
-        return Err(spec_err(
-            "model.input",
-            format!(
-                "{} does not match the {} features per sample of data.train (set model.input = {})",
-                file.model.input, full.features, full.features
-            ),
-        )
-        .into());
-    }
-    if file.model.outputs() < classes {
-        return Err(spec_err(
-            &format!("model.layers[{}].dense", file.model.layers.len() - 1),
-            format!(
-                "the output layer has {} units but data.train has {classes} classes",
-                file.model.outputs()
-            ),
-        )
-        .into());
-    }
-    let (train, validation) = if file.data.validation_split > 0.0 {
+    let full = Dataset::load(&file.data.train, file.seed)?;
+    check(&full, "data.train")?;
+    let (mut train, mut validation) = if file.data.validation_split > 0.0 {
         full.split_tail(file.data.validation_split)
     } else {
         (full, Dataset::default())
@@ -752,66 +788,67 @@ fn load_data(file: &JobFile, source: &str) -> Result<JobData, CoordinatorError> 
     if train.rows() == 0 {
         return Err(spec_err("data.validation_split", "leaves no training samples".into()).into());
     }
-    let test = match &file.data.test {
+    if let Some(src) = &file.data.validation {
+        validation = Dataset::load(src, file.seed.wrapping_add(2))?;
+        check(&validation, "data.validation")?;
+    }
+    let mut test = match &file.data.test {
         Some(src) => {
             let t = Dataset::load(src, file.seed.wrapping_add(1))?;
-            if t.features != file.model.input {
-                return Err(spec_err(
-                    "data.test",
-                    format!(
-                        "has {} features per sample, the model takes {}",
-                        t.features, file.model.input
-                    ),
-                )
-                .into());
-            }
-            if classes_of(src, &t) > file.model.outputs() {
-                return Err(spec_err(
-                    "data.test",
-                    "has labels beyond the model's output classes".into(),
-                )
-                .into());
-            }
+            check(&t, "data.test")?;
             Some(t)
         }
         None => None,
     };
+    let normalization = Normalization::fit(file.data.normalize, &train);
+    let d = train.features;
+    normalization.apply(&mut train.x, d);
+    normalization.apply(&mut validation.x, d);
+    if let Some(t) = test.as_mut() {
+        normalization.apply(&mut t.x, d);
+    }
     Ok(JobData {
         train,
         validation,
         test,
+        normalization,
     })
 }
 
 fn append_metrics(out_dir: &Path, s: &EpochSummary) {
-    let line = serde_json::json!({
-        "epoch": s.epoch,
-        "loss": s.loss,
-        "accuracy": s.accuracy,
-        "val_loss": s.val_loss,
-        "val_accuracy": s.val_accuracy,
-        "samples_per_sec": s.samples_per_sec,
-        "seconds": s.seconds,
-    });
+    let mut line = serde_json::Map::new();
+    line.insert("epoch".into(), s.epoch.into());
+    let mut keys: Vec<&String> = s.metrics.keys().collect();
+    keys.sort();
+    for k in keys {
+        line.insert(k.clone(), serde_json::json!(s.metrics[k]));
+    }
+    line.insert(
+        "samples_per_sec".into(),
+        serde_json::json!(s.samples_per_sec),
+    );
+    line.insert("seconds".into(), serde_json::json!(s.seconds));
     let res = std::fs::create_dir_all(out_dir).and_then(|_| {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(out_dir.join("metrics.jsonl"))?;
-        writeln!(f, "{line}")
+        writeln!(f, "{}", serde_json::Value::Object(line))
     });
     if let Err(e) = res {
         warn!(dir = %out_dir.display(), error = %e, "cannot append metrics.jsonl");
     }
 }
 
-/// Writes `model.safetensors` and `model.json` into the run directory.
+/// Writes `model.safetensors` and `model.json` into the run directory: everything
+/// `ringtrain predict` and `evaluate` need.
 fn write_model(
     out_dir: &Path,
-    file: &JobFile,
+    info: &ModelInfo,
     meta: &CheckpointMeta,
     params: &[f32],
 ) -> Result<(), CoordinatorError> {
+    let file = &info.file;
     std::fs::create_dir_all(out_dir).map_err(CoordinatorError::io(format!(
         "creating {}",
         out_dir.display()
@@ -821,17 +858,24 @@ fn write_model(
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, out_dir.join("model.safetensors")))
         .map_err(CoordinatorError::io("writing model.safetensors"))?;
-    let json = serde_json::json!({
-        "format": "ringtrain.model.v1",
-        "name": file.name,
-        "input": file.model.input,
-        "layers": file.model.layers,
-        "classes": file.model.outputs(),
-        "loss": file.train.loss,
-        "metrics": file.train.metrics,
-        "trained": { "job_id": meta.job_id, "steps": meta.step, "epochs": meta.epoch, "spec_hash": meta.spec_hash },
-    });
-    let text = serde_json::to_string_pretty(&json)
+    let saved = crate::saved_model::ModelCard {
+        format: crate::saved_model::FORMAT.into(),
+        name: file.name.clone(),
+        model: file.model.clone(),
+        loss: file.train.loss,
+        metrics: file.train.metrics.clone(),
+        classes: file.train.loss.metric_classes(file.model.outputs()),
+        normalization: info.normalization.clone(),
+        feature_names: info.feature_names.clone(),
+        label: info.label_name.clone(),
+        trained: crate::saved_model::Provenance {
+            job_id: meta.job_id.clone(),
+            steps: meta.step,
+            epochs: meta.epoch,
+            spec_hash: meta.spec_hash.clone(),
+        },
+    };
+    let text = serde_json::to_string_pretty(&saved)
         .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
     std::fs::write(out_dir.join("model.json"), text)
         .map_err(CoordinatorError::io("writing model.json"))

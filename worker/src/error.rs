@@ -9,10 +9,10 @@ pub enum WorkerError {
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
     /// A label is not a valid class index.
-    #[error("label {label} is out of range for {classes} classes")]
+    #[error("label {label} is not a class index in 0..{classes}")]
     LabelOutOfRange {
         /// The bad label.
-        label: u32,
+        label: f32,
         /// Number of classes.
         classes: usize,
     },

@@ -4,8 +4,31 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::WorkerError;
+use crate::loss::{LossKind, Metric};
 use crate::model::ModelSpec;
-use crate::optimizer::AdamConfig;
+use crate::optimizer::{OptimizerConfig, Schedule};
+
+/// Early stopping, as Keras's `EarlyStopping` callback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// The epoch metric watched, e.g. `val_loss` or `val_accuracy`.
+    #[serde(default = "val_loss")]
+    pub monitor: String,
+    /// Epochs without improvement before stopping.
+    #[serde(default)]
+    pub patience: u32,
+    /// Smallest change that counts as an improvement.
+    #[serde(default)]
+    pub min_delta: f64,
+    /// Put back the weights of the best epoch when stopping (or at the end).
+    #[serde(default)]
+    pub restore_best: bool,
+}
+
+fn val_loss() -> String {
+    "val_loss".into()
+}
 
 /// What to train and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -13,7 +36,7 @@ use crate::optimizer::AdamConfig;
 pub struct TrainingPlan {
     /// Job name, for logs.
     pub name: String,
-    /// Seed of initialization and epoch permutations.
+    /// Seed of initialization, epoch permutations and dropout.
     pub seed: u64,
     /// Epochs to train.
     pub epochs: u32,
@@ -21,8 +44,20 @@ pub struct TrainingPlan {
     pub batch_size: usize,
     /// The network.
     pub model: ModelSpec,
+    /// The loss.
+    pub loss: LossKind,
+    /// Metrics reported besides the loss.
+    pub metrics: Vec<Metric>,
     /// Optimizer settings.
-    pub optimizer: AdamConfig,
+    pub optimizer: OptimizerConfig,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Clip the averaged gradient to this global L2 norm.
+    pub clip_norm: Option<f64>,
+    /// Early stopping, if any.
+    pub early_stopping: Option<EarlyStopping>,
     /// Rank 0 uploads a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// Training samples.
@@ -33,8 +68,6 @@ pub struct TrainingPlan {
     pub test_samples: usize,
     /// Features per sample.
     pub features: usize,
-    /// Number of classes.
-    pub classes: usize,
     /// Deadline of any single collective send or receive, in milliseconds.
     pub collective_timeout_ms: u64,
 }
@@ -44,19 +77,20 @@ impl TrainingPlan {
     pub fn from_json(s: &str) -> Result<Self, WorkerError> {
         let plan: TrainingPlan =
             serde_json::from_str(s).map_err(|e| WorkerError::Plan(e.to_string()))?;
-        if plan.model.input != plan.features || plan.model.outputs() != plan.classes {
+        plan.model
+            .validate()
+            .map_err(|(f, m)| WorkerError::Plan(format!("{f}: {m}")))?;
+        if plan.model.input != plan.features {
             return Err(WorkerError::Plan(format!(
-                "model is {}->{} but data has {} features and {} classes",
-                plan.model.input,
-                plan.model.outputs(),
-                plan.features,
-                plan.classes
+                "model takes {} inputs but the data has {} features",
+                plan.model.input, plan.features
             )));
         }
-        if plan.batch_size == 0 || plan.model.layers.is_empty() {
-            return Err(WorkerError::Plan(
-                "batch size and layer count must be positive".into(),
-            ));
+        plan.loss
+            .check_output(plan.model.outputs(), plan.model.output_activation())
+            .map_err(WorkerError::Plan)?;
+        if plan.batch_size == 0 {
+            return Err(WorkerError::Plan("batch size must be positive".into()));
         }
         Ok(plan)
     }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ringtrain_proto::v1::{
     worker_control_client::WorkerControlClient, worker_report, Assignment, CheckpointUpload,
-    EpochReport, EpochSummary, Failure, Finished, ShardRequest, Split, StepReport, WorkerReport,
+    EpochReport, EpochSummary, Failure, Finished, ShardRequest, Slot, Split, StepReport,
+    WorkerReport,
 };
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -22,8 +23,9 @@ use tracing::{info, info_span, warn};
 
 use crate::collective::{CollectiveHub, RingConfig, RingLink};
 use crate::error::WorkerError;
-use crate::model::{BatchStats, Mlp};
-use crate::optimizer::Adam;
+use crate::loss::{Metric, MetricSums};
+use crate::model::{DropoutKey, Mlp};
+use crate::optimizer::{clip_by_global_norm, Optimizer};
 use crate::plan::TrainingPlan;
 use crate::sharding;
 
@@ -55,7 +57,9 @@ pub struct JobContext {
 #[derive(Debug, Default)]
 struct Shard {
     x: Vec<f32>,
-    y: Vec<u32>,
+    y: Vec<f32>,
+    /// Dataset index of each row.
+    idx: Vec<u32>,
     rows: usize,
 }
 
@@ -153,11 +157,15 @@ fn fetch(
         let mut shard = Shard::default();
         while let Some(chunk) = stream.message().await.map_err(status)? {
             let rows = chunk.rows as usize;
-            if chunk.features.len() != rows * features * 4 || chunk.labels.len() != rows * 4 {
+            if chunk.features.len() != rows * features * 4
+                || chunk.labels.len() != rows * 4
+                || chunk.indices.len() != rows * 4
+            {
                 return Err(WorkerError::Shard(format!(
-                    "chunk of {rows} rows has {} feature bytes and {} label bytes",
+                    "chunk of {rows} rows has {} feature, {} label and {} index bytes",
                     chunk.features.len(),
-                    chunk.labels.len()
+                    chunk.labels.len(),
+                    chunk.indices.len()
                 )));
             }
             shard.x.extend(
@@ -170,6 +178,12 @@ fn fetch(
                 chunk
                     .labels
                     .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            shard.idx.extend(
+                chunk
+                    .indices
+                    .chunks_exact(4)
                     .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
             shard.rows += rows;
@@ -178,7 +192,7 @@ fn fetch(
     }
 }
 
-/// Loss and accuracy sums of a split, summed across all ranks.
+/// Metric sums of a split, summed across all ranks.
 fn evaluate(
     ctx: &JobContext,
     ring: &mut RingLink,
@@ -186,9 +200,10 @@ fn evaluate(
     params: &[f32],
     shard: &Shard,
     step: u64,
-) -> Result<BatchStats, WorkerError> {
+) -> Result<MetricSums, WorkerError> {
     let d = ctx.plan.features;
-    let mut local = BatchStats::default();
+    let classes = mlp.metric_classes();
+    let mut local = MetricSums::new(classes);
     let mut start = 0;
     while start < shard.rows {
         let rows = EVAL_ROWS.min(shard.rows - start);
@@ -201,23 +216,34 @@ fn evaluate(
         local.add(&s);
         start += rows;
     }
-    let mut buf = [
-        local.loss_sum as f32,
-        local.correct as f32,
-        local.count as f32,
-    ];
+    let mut buf = vec![0f32; MetricSums::flat_len(classes)];
+    local.write_flat(&mut buf);
     block_on(ctx, ring.all_reduce(&mut buf, step))?;
-    Ok(BatchStats {
-        loss_sum: buf[0] as f64,
-        correct: buf[1] as u64,
-        count: buf[2] as u64,
-    })
+    Ok(MetricSums::from_flat(classes, &buf))
+}
+
+/// Named values of a split's metrics, with a prefix (`val_`, `test_`).
+fn named(
+    sums: &MetricSums,
+    metrics: &[Metric],
+    prefix: &str,
+    extra_loss: f64,
+) -> Vec<(String, f64)> {
+    sums.values(metrics)
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                format!("{prefix}{k}"),
+                if k == "loss" { v + extra_loss } else { v },
+            )
+        })
+        .collect()
 }
 
 fn upload(
     ctx: &JobContext,
     params: &[f32],
-    adam: &Adam,
+    opt: &Optimizer,
     step: u64,
     epoch: u32,
     final_: bool,
@@ -231,9 +257,17 @@ fn upload(
         epoch,
         r#final: final_,
         params: Bytes::copy_from_slice(bytemuck::cast_slice(params)),
-        adam_m: Bytes::copy_from_slice(bytemuck::cast_slice(&adam.m)),
-        adam_v: Bytes::copy_from_slice(bytemuck::cast_slice(&adam.v)),
-        adam_t: adam.t,
+        slots: opt
+            .config
+            .slot_names()
+            .iter()
+            .zip(&opt.slots)
+            .map(|(name, data)| Slot {
+                name: name.to_string(),
+                data: Bytes::copy_from_slice(bytemuck::cast_slice(data)),
+            })
+            .collect(),
+        optimizer_t: opt.t,
         param_hash: crate::param_hash(params),
     };
     let mut control = ctx.control.clone();
@@ -247,14 +281,6 @@ fn upload(
             })
     })?;
     Ok(())
-}
-
-fn ratio(num: f64, den: u64) -> f64 {
-    if den == 0 {
-        0.0
-    } else {
-        num / den as f64
-    }
 }
 
 fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
@@ -282,14 +308,21 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
     } else {
         Shard::default()
     };
-    let mlp = Mlp::new(plan.model.clone());
+    let mlp = Mlp::new(plan.model.clone(), plan.loss);
     let p = mlp.num_params();
+    let classes = mlp.metric_classes();
+    let has_l2 = plan.model.layers.iter().any(|l| l.l2 > 0.0);
     let mut params = plan.model.init_params(plan.seed);
-    let mut adam = Adam::new(plan.optimizer, p);
-    // Gradient, then the batch's loss sum and correct count: one all-reduce gives both.
-    let mut buf = vec![0f32; p + 2];
+    let mut opt = Optimizer::new(plan.optimizer, p);
+    let base_lr = plan.optimizer.learning_rate();
+    // Gradient, then the batch's metric sums: one all-reduce gives both, so every rank
+    // knows the exact global loss and metrics of every step.
+    let mut buf = vec![0f32; p + MetricSums::flat_len(classes)];
     let d = plan.features;
     let mut step: u64 = 0;
+    let mut best: Option<(f64, Vec<f32>)> = None;
+    let mut since_best = 0u32;
+    let mut epochs_done = 0u32;
     let mut next = Some(ctx.handle.spawn(fetch(ctx, Split::Train, 0)));
     for epoch in 0..plan.epochs {
         let shard = match next.take() {
@@ -310,21 +343,25 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             )));
         }
         let started = Instant::now();
-        let mut epoch_stats = BatchStats::default();
+        let mut epoch_sums = MetricSums::new(classes);
+        let mut penalty_sum = 0.0;
         let mut cursor = 0usize;
-        for (k, &rows) in lens.iter().enumerate() {
+        for &rows in &lens {
             if ctx.cancel.is_cancelled() {
                 return Err(WorkerError::Cancelled);
             }
             step += 1;
             let _span = info_span!("step", step).entered();
-            let m = sharding::global_batch_len(plan.train_samples, plan.batch_size, k);
             let x = &shard.x[cursor * d..(cursor + rows) * d];
             let y = &shard.y[cursor..cursor + rows];
+            let key = DropoutKey {
+                seed: plan.seed,
+                step,
+                samples: &shard.idx[cursor..cursor + rows],
+            };
             cursor += rows;
-            let stats = mlp.forward_backward(&params, x, y, rows, &mut buf[..p])?;
-            buf[p] = stats.loss_sum as f32;
-            buf[p + 1] = stats.correct as f32;
+            let sums = mlp.forward_backward(&params, x, y, rows, &mut buf[..p], Some(&key))?;
+            sums.write_flat(&mut buf[p..]);
             {
                 let t = Instant::now();
                 let span = info_span!(
@@ -336,77 +373,125 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 block_on(ctx, ring.all_reduce(&mut buf, step))?;
                 span.record("seconds", t.elapsed().as_secs_f64());
             }
-            let (loss_sum, correct) = (buf[p] as f64, buf[p + 1] as u64);
-            let inv = 1.0 / m as f32;
-            buf[..p].iter_mut().for_each(|g| *g *= inv);
-            adam.step(&mut params, &buf[..p]);
-            epoch_stats.add(&BatchStats {
-                loss_sum,
-                correct,
-                count: m as u64,
-            });
+            let global = MetricSums::from_flat(classes, &buf[p..]);
+            let m = global.count.max(1.0);
+            let inv = (1.0 / m) as f32;
+            let grad = &mut buf[..p];
+            grad.iter_mut().for_each(|g| *g *= inv);
+            let penalty = if has_l2 {
+                plan.model.add_l2_grad(&params, grad);
+                plan.model.l2_penalty(&params)
+            } else {
+                0.0
+            };
+            if let Some(c) = plan.clip_norm {
+                clip_by_global_norm(grad, c);
+            }
+            let lr = plan.schedule.rate(base_lr, step - 1, plan.warmup_steps);
+            opt.step(&mut params, grad, lr);
+            penalty_sum += penalty * m;
             reports.send(worker_report::Kind::Step(StepReport {
                 step,
                 epoch,
-                loss: ratio(loss_sum, m as u64),
-                accuracy: ratio(correct as f64, m as u64),
+                loss: global.loss() + penalty,
+                accuracy: if classes > 0 { global.accuracy() } else { 0.0 },
                 param_hash: crate::param_hash(&params),
                 global_batch: m as u32,
             }));
+            epoch_sums.add(&global);
             if rank == 0 && plan.checkpoint_every > 0 && step.is_multiple_of(plan.checkpoint_every)
             {
-                upload(ctx, &params, &adam, step, epoch, false)?;
+                upload(ctx, &params, &opt, step, epoch, false)?;
             }
         }
         let seconds = started.elapsed().as_secs_f64();
-        let (val_loss, val_accuracy) = if plan.validation_samples > 0 {
+        let mut values = named(
+            &epoch_sums,
+            &plan.metrics,
+            "",
+            penalty_sum / epoch_sums.count.max(1.0),
+        );
+        if plan.validation_samples > 0 {
             let v = evaluate(ctx, &mut ring, &mlp, &params, &validation, step)?;
-            (
-                Some(ratio(v.loss_sum, v.count)),
-                Some(ratio(v.correct as f64, v.count)),
-            )
-        } else {
-            (None, None)
-        };
+            values.extend(named(&v, &plan.metrics, "val_", 0.0));
+        }
+        let get = |k: &str| values.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
         let summary = EpochSummary {
             epoch: epoch + 1,
-            loss: ratio(epoch_stats.loss_sum, epoch_stats.count),
-            accuracy: ratio(epoch_stats.correct as f64, epoch_stats.count),
-            val_loss,
-            val_accuracy,
+            loss: get("loss").unwrap_or(0.0),
+            accuracy: get("accuracy").unwrap_or(0.0),
+            val_loss: get("val_loss"),
+            val_accuracy: get("val_accuracy"),
             samples_per_sec: plan.train_samples as f64 / seconds.max(1e-9),
             seconds,
+            metrics: values.iter().cloned().collect(),
         };
-        info!(
-            epoch = epoch + 1,
-            loss = summary.loss,
-            accuracy = summary.accuracy,
-            "epoch done"
-        );
+        info!(epoch = epoch + 1, loss = summary.loss, "epoch done");
+        epochs_done = epoch + 1;
+        // Early stopping sees only all-reduced numbers, so every rank decides alike.
+        let mut stop = false;
+        if let Some(es) = &plan.early_stopping {
+            let current = get(&es.monitor).ok_or_else(|| {
+                WorkerError::Plan(format!(
+                    "early_stopping.monitor {:?} is not a reported metric",
+                    es.monitor
+                ))
+            })?;
+            let sign = if Metric::higher_is_better(&es.monitor) {
+                1.0
+            } else {
+                -1.0
+            };
+            let improved = best
+                .as_ref()
+                .is_none_or(|(b, _)| sign * (current - b) > es.min_delta);
+            if improved {
+                best = Some((
+                    current,
+                    if es.restore_best {
+                        params.clone()
+                    } else {
+                        Vec::new()
+                    },
+                ));
+                since_best = 0;
+            } else {
+                since_best += 1;
+                stop = since_best > es.patience;
+            }
+        }
         if rank == 0 {
             reports.send(worker_report::Kind::Epoch(EpochReport {
                 summary: Some(summary),
             }));
         }
+        if stop {
+            info!(epoch = epoch + 1, "early stopping");
+            break;
+        }
     }
-    let (test_loss, test_accuracy) = if plan.test_samples > 0 {
+    if let (Some(es), Some((_, best_params))) = (&plan.early_stopping, best) {
+        if es.restore_best && !best_params.is_empty() {
+            params = best_params;
+        }
+    }
+    let mut test_metrics = Vec::new();
+    if plan.test_samples > 0 {
         let test = block_on(ctx, fetch(ctx, Split::Test, 0))?;
         let t = evaluate(ctx, &mut ring, &mlp, &params, &test, step)?;
-        (
-            Some(ratio(t.loss_sum, t.count)),
-            Some(ratio(t.correct as f64, t.count)),
-        )
-    } else {
-        (None, None)
-    };
+        test_metrics = named(&t, &plan.metrics, "test_", 0.0);
+    }
     if rank == 0 {
-        upload(ctx, &params, &adam, step, plan.epochs, true)?;
+        upload(ctx, &params, &opt, step, epochs_done, true)?;
     }
     ctx.handle.block_on(ring.close());
+    let get = |k: &str| test_metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
     reports.send(worker_report::Kind::Finished(Finished {
         steps: step,
-        test_loss,
-        test_accuracy,
+        test_loss: get("test_loss"),
+        test_accuracy: get("test_accuracy"),
+        test_metrics: test_metrics.iter().cloned().collect(),
+        epochs: epochs_done,
     }));
     Ok(())
 }
