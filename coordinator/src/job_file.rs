@@ -491,4 +491,64 @@ loss = "sparse_categorical_crossentropy"
             "{e}"
         );
     }
+
+    fn seed_with(edit: impl FnOnce(String) -> String) -> Result<(), SpecError> {
+        let j = JobFile::parse(&edit(SEED.to_string()), "job.toml")?;
+        j.validate("job.toml", Path::new("."))
+    }
+
+    #[test]
+    fn every_new_key_parses_and_mismatches_are_named() {
+        seed_with(|t| {
+            t.replace(
+                r#"optimizer = { adam = { learning_rate = 0.001 } }"#,
+                r#"optimizer = { sgd = { learning_rate = 0.1, momentum = 0.9, nesterov = true } }
+schedule = { cosine = { decay_steps = 1000, alpha = 0.1 } }
+warmup_steps = 10
+clip_norm = 1.0
+early_stopping = { monitor = "val_accuracy", patience = 2, restore_best = true }"#,
+            )
+            .replace("{ dense = 64, activation = \"relu\" },\n  { dense = 10", "{ dense = 64, activation = \"gelu\", init = \"he_normal\", l2 = 0.001, use_bias = false },\n  { dropout = 0.3 },\n  { dense = 10")
+            .replace("validation_split = 0.1", "validation_split = 0.1\nnormalize = \"standard\"")
+        })
+        .unwrap();
+        let e = seed_with(|t| t.replace(r#"metrics = ["accuracy"]"#, r#"metrics = ["r2"]"#))
+            .unwrap_err();
+        assert_eq!(e.field, "train.metrics");
+        let e = seed_with(|t| {
+            t.replace(
+                r#"loss = "sparse_categorical_crossentropy""#,
+                r#"loss = "binary_crossentropy""#,
+            )
+        })
+        .unwrap_err();
+        assert!(
+            e.field.starts_with("model.layers[2]") && e.message.contains("one output unit"),
+            "{e}"
+        );
+        let e = seed_with(|t| {
+            t.replace(
+                "keep = 3",
+                "keep = 3\n[train.early_stopping]\nmonitor = \"val_f1\"",
+            )
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("val_f1"), "{e}");
+        let e = seed_with(|t| {
+            t.replace(
+                "validation_split = 0.1",
+                "validation_split = 0.1\nvalidation = { format = \"synthetic\", samples = 10, features = 100, classes = 10 }",
+            )
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "data.validation");
+        let e = seed_with(|t| {
+            t.replace(
+                r#"{ adam = { learning_rate = 0.001 } }"#,
+                r#"{ rmsprop = { rho = 1.5 } }"#,
+            )
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "train.optimizer.rho");
+    }
 }
