@@ -1,6 +1,7 @@
 //! `ringtrain`: the command-line entry point of the cluster (and the container image's
 //! entrypoint for both roles). Parses arguments, installs tracing, calls a library `run`.
 
+mod bench;
 mod model_cmds;
 mod progress;
 
@@ -150,10 +151,53 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Measure the all-reduce (and, later, training) against the wire.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// One rank of `bench allreduce` (started by it).
+    #[command(hide = true)]
+    BenchPeer {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        bytes: String,
+        #[arg(long)]
+        iters: usize,
+    },
     /// Differential-privacy accounting for DP-SGD (Poisson-subsampled Gaussian).
     Privacy {
         #[command(subcommand)]
         command: PrivacyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// N worker processes on loopback running the production ring all-reduce.
+    Allreduce {
+        /// Processes in the ring.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Buffer sizes, e.g. 1MiB,16MiB,64MiB.
+        #[arg(long, default_value = "1MiB,16MiB,64MiB")]
+        bytes: String,
+        /// Timed iterations per size (after one warm-up).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
+    /// Samples/s of the real training path (data, compute, all-reduce, optimizer) on N
+    /// local worker processes, excluding start-up.
+    Train {
+        /// Worker processes.
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
+        /// Steps to run (at most the job's epochs' worth).
+        #[arg(long, default_value_t = 2000)]
+        steps: u64,
+        /// The job file.
+        job: PathBuf,
     },
 }
 
@@ -270,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     out,
                     exe,
                     collective_timeout: Duration::from_secs(collective_timeout_secs),
+                    max_steps: None,
                 },
                 |s| bar.update(s),
                 shutdown_token(),
@@ -404,6 +449,54 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plot { run_dir, output } => {
             init_tracing("warn");
             model_cmds::plot(&run_dir, output, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { command } => {
+            init_tracing("warn");
+            match command {
+                BenchCommand::Allreduce {
+                    workers,
+                    bytes,
+                    iters,
+                } => {
+                    let sizes = bench::parse_sizes(&bytes)?;
+                    bench::allreduce(workers, &sizes, iters.max(1), json)?;
+                }
+                BenchCommand::Train {
+                    workers,
+                    steps,
+                    job,
+                } => {
+                    let exe =
+                        std::env::current_exe().context("locating the ringtrain executable")?;
+                    let out = std::env::temp_dir()
+                        .join(format!("ringtrain-bench-{}", std::process::id()));
+                    let status = run_local(
+                        LocalOptions {
+                            job,
+                            workers: Some(workers),
+                            out: Some(out.clone()),
+                            exe,
+                            collective_timeout: Duration::from_secs(20),
+                            max_steps: Some(steps),
+                        },
+                        |_| {},
+                        shutdown_token(),
+                    )
+                    .await?;
+                    let _ = std::fs::remove_dir_all(&out);
+                    bench::print_train(&status, json)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchPeer { rank, bytes, iters } => {
+            init_tracing("warn");
+            let sizes: Vec<usize> = bytes
+                .split(',')
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()?;
+            bench::peer(rank, &sizes, iters).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Privacy { command } => {

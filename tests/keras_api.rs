@@ -270,8 +270,8 @@ early_stopping = { monitor = "val_loss", patience = 4, restore_best = true }
         );
     assert_eq!(
         val.len() - 1 - best_epoch,
-        5,
-        "stops patience + 1 epochs after the best"
+        4,
+        "stops `patience` epochs after the best, as Keras does"
     );
     assert!(
         val[val.len() - 1] > best,

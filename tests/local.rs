@@ -55,14 +55,14 @@ fn three_workers_complete_and_every_step_is_verified_identical() {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    assert_eq!(ckpts, ["step-0000000160", "step-0000000170"]);
-    let last = checkpoint::load(&out.join("checkpoints/step-0000000170")).unwrap();
+    assert_eq!(ckpts, ["step-0000000160", "step-0000000170-final"]);
+    let last = checkpoint::load(&out.join("checkpoints/step-0000000170-final")).unwrap();
     assert_eq!(last.meta.step, 170);
     assert!(last.meta.final_);
 }
 
 fn final_params(out: &Path, step: u64) -> Vec<f32> {
-    checkpoint::load(&out.join(format!("checkpoints/step-{step:010}")))
+    checkpoint::load(&out.join(format!("checkpoints/step-{step:010}-final")))
         .unwrap()
         .state
         .params
@@ -89,13 +89,23 @@ fn one_and_three_workers_fed_the_same_batches_agree_after_50_steps() {
     }
     let (a, b) = (&params[0], &params[1]);
     assert_eq!(a.len(), b.len());
-    let mut worst = 0f64;
+    // Only the summation order of the gradient differs (one matmul over 32 rows vs three
+    // partial sums added by the ring), so the runs agree to f32 rounding, amplified a
+    // little by Adam's normalization. Relative difference of the parameter vectors:
+    let (mut diff, mut norm, mut worst) = (0f64, 0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
         let (x, y) = (*x as f64, *y as f64);
-        let rel = (x - y).abs() / x.abs().max(y.abs()).max(1e-3);
-        worst = worst.max(rel);
+        diff += (x - y) * (x - y);
+        norm += x * x;
+        worst = worst.max((x - y).abs() / x.abs().max(y.abs()).max(1e-3));
     }
-    assert!(worst <= 1e-5, "largest relative difference {worst}");
+    let rel = (diff / norm).sqrt();
+    assert!(rel <= 1e-5, "relative difference {rel}");
+    // And element by element (relative, with a 1e-3 floor for near-zero weights).
+    assert!(
+        worst <= 1e-4,
+        "largest element-wise relative difference {worst}"
+    );
     assert_ne!(a, &vec![0f32; a.len()]);
 }
 

@@ -210,7 +210,13 @@ impl CheckpointStore {
         let tensors = tensors_bytes(&meta.model, &groups)?;
         let meta_bytes = serde_json::to_vec_pretty(meta)
             .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
-        let name = format!("step-{:010}", meta.step);
+        // The final checkpoint gets its own name, so it never replaces a periodic one
+        // taken at the same step (names still sort by step, final last).
+        let name = if meta.final_ {
+            format!("step-{:010}-final", meta.step)
+        } else {
+            format!("step-{:010}", meta.step)
+        };
         let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp)
@@ -238,7 +244,11 @@ impl CheckpointStore {
             dest.display()
         )))?;
         fsync_dir(&self.dir)?;
-        self.prune()?;
+        // The new checkpoint is safely in place; failing to delete an old one must not
+        // fail the upload.
+        if let Err(e) = self.prune() {
+            tracing::warn!(error = %e, "cannot prune old checkpoints");
+        }
         Ok(dest)
     }
 

@@ -78,6 +78,7 @@ pub fn submit_request(
         source,
         out_dir,
         workers: workers.unwrap_or(0),
+        max_steps: 0,
     })
 }
 

@@ -102,8 +102,10 @@ impl Dataset {
         Ok(())
     }
 
-    /// Loads a data source; `seed` drives synthetic data.
-    pub fn load(src: &DataSource, seed: u64) -> Result<Dataset, CoordinatorError> {
+    /// Loads a data source. Synthetic data draws its class centres (or regression
+    /// weights) from the job `seed` and its samples from `stream`, so the train,
+    /// validation and test splits of one job share a distribution but not samples.
+    pub fn load(src: &DataSource, seed: u64, stream: u64) -> Result<Dataset, CoordinatorError> {
         match src {
             DataSource::Synthetic {
                 samples,
@@ -118,9 +120,10 @@ impl Dataset {
                     classes.unwrap_or(2),
                     noise.unwrap_or(2.5),
                     seed,
+                    stream,
                 ),
                 Task::Regression => {
-                    synthetic_regression(*samples, *features, noise.unwrap_or(0.1), seed)
+                    synthetic_regression(*samples, *features, noise.unwrap_or(0.1), seed, stream)
                 }
             }),
             DataSource::Idx { images, labels } => idx(images, labels),
@@ -274,12 +277,13 @@ pub fn synthetic(
     classes: usize,
     noise: f64,
     seed: u64,
+    stream: u64,
 ) -> Dataset {
     let mut centres_rng = Rng::new(derive_seed(seed, &[0x4345_4E54])); // "CENT"
     let centres: Vec<f64> = (0..classes * features)
         .map(|_| centres_rng.normal())
         .collect();
-    let mut rng = Rng::new(derive_seed(seed, &[0x5341_4D50])); // "SAMP"
+    let mut rng = Rng::new(derive_seed(seed, &[0x5341_4D50, stream])); // "SAMP"
     let mut x = Vec::with_capacity(samples * features);
     let mut y = Vec::with_capacity(samples);
     for _ in 0..samples {
@@ -301,10 +305,16 @@ pub fn synthetic(
 
 /// Regression target y = u + 0.5·sin(2u) + noise·N(0, 1) with u = w·x / sqrt(d), x and w
 /// standard normal: smooth, nonlinear, and learnable by a small MLP.
-pub fn synthetic_regression(samples: usize, features: usize, noise: f64, seed: u64) -> Dataset {
+pub fn synthetic_regression(
+    samples: usize,
+    features: usize,
+    noise: f64,
+    seed: u64,
+    stream: u64,
+) -> Dataset {
     let mut wr = Rng::new(derive_seed(seed, &[0x5745_4947])); // "WEIG"
     let w: Vec<f64> = (0..features).map(|_| wr.normal()).collect();
-    let mut rng = Rng::new(derive_seed(seed, &[0x5245_4752])); // "REGR"
+    let mut rng = Rng::new(derive_seed(seed, &[0x5245_4752, stream])); // "REGR"
     let mut x = Vec::with_capacity(samples * features);
     let mut y = Vec::with_capacity(samples);
     let norm = (features as f64).sqrt();
@@ -369,7 +379,8 @@ pub fn idx_images(images: &Path) -> Result<(Vec<f32>, usize), CoordinatorError> 
         be_u32(&img, 12) as usize,
     );
     let features = r * c;
-    if img.len() != 16 + n * features {
+    let expected = n.checked_mul(features).and_then(|v| v.checked_add(16));
+    if expected != Some(img.len()) {
         return Err(bad(format!(
             "header says {n} images of {r}x{c} but the file has {} pixel bytes",
             img.len() - 16
@@ -430,9 +441,9 @@ mod tests {
 
     #[test]
     fn synthetic_is_deterministic_from_the_seed() {
-        let a = synthetic(50, 4, 3, 1.0, 7);
-        assert_eq!(a, synthetic(50, 4, 3, 1.0, 7));
-        assert_ne!(a, synthetic(50, 4, 3, 1.0, 8));
+        let a = synthetic(50, 4, 3, 1.0, 7, 0);
+        assert_eq!(a, synthetic(50, 4, 3, 1.0, 7, 0));
+        assert_ne!(a, synthetic(50, 4, 3, 1.0, 8, 0));
         assert_eq!(a.rows(), 50);
         assert!(a.check_classes(3, "data.train").is_ok());
         assert!(a.check_classes(1, "data.train").is_err());
@@ -486,15 +497,29 @@ mod tests {
     }
 
     #[test]
+    fn splits_share_centres_but_not_samples() {
+        // Same job seed, different streams: the class means agree, the rows differ.
+        let a = synthetic(4000, 3, 2, 0.5, 9, 0);
+        let b = synthetic(4000, 3, 2, 0.5, 9, 1);
+        assert_ne!(a.x[..3], b.x[..3]);
+        let mean = |d: &Dataset, c: f32| {
+            let rows: Vec<usize> = (0..d.rows()).filter(|&i| d.y[i] == c).collect();
+            rows.iter().map(|&i| d.x[i * 3] as f64).sum::<f64>() / rows.len() as f64
+        };
+        assert!((mean(&a, 0.0) - mean(&b, 0.0)).abs() < 0.05);
+        assert!((mean(&a, 1.0) - mean(&b, 1.0)).abs() < 0.05);
+    }
+
+    #[test]
     fn regression_data_is_deterministic() {
-        let a = synthetic_regression(20, 3, 0.1, 5);
-        assert_eq!(a, synthetic_regression(20, 3, 0.1, 5));
+        let a = synthetic_regression(20, 3, 0.1, 5, 0);
+        assert_eq!(a, synthetic_regression(20, 3, 0.1, 5, 0));
         assert!(a.y.iter().any(|v| v.fract() != 0.0));
     }
 
     #[test]
     fn split_tail_follows_keras() {
-        let d = synthetic(10, 1, 2, 1.0, 1);
+        let d = synthetic(10, 1, 2, 1.0, 1, 0);
         let (a, b) = d.clone().split_tail(0.25);
         assert_eq!((a.rows(), b.rows()), (7, 3)); // floor(10 * 0.75) = 7
         assert_eq!(b.y, d.y[7..].to_vec());

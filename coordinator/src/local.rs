@@ -32,6 +32,8 @@ pub struct LocalOptions {
     pub exe: PathBuf,
     /// Collective deadline handed to workers.
     pub collective_timeout: Duration,
+    /// Stop after this many steps (benchmarks).
+    pub max_steps: Option<u64>,
 }
 
 /// Runs one job on an embedded cluster and returns its final status. `on_status` sees
@@ -42,7 +44,8 @@ pub async fn run_local(
     interrupt: CancellationToken,
 ) -> Result<JobStatus, CoordinatorError> {
     // Validate and load first: bad input fails before any process starts.
-    let req = submit_request(&opts.job, opts.out.as_deref(), opts.workers)?;
+    let mut req = submit_request(&opts.job, opts.out.as_deref(), opts.workers)?;
+    req.max_steps = opts.max_steps.unwrap_or(0);
     let core = Coordinator::new(ServerConfig {
         // Run directories land in ./runs/<name>-<id>/ (checkpoints inside them).
         data_dir: PathBuf::from("."),

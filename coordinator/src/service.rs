@@ -197,6 +197,13 @@ impl Coordinator {
             test_samples: data.test.as_ref().map(|t| t.rows()).unwrap_or(0),
             features: data.train.features,
             collective_timeout_ms: self.config.collective_timeout.as_millis() as u64,
+            max_steps: (req.max_steps > 0).then_some(req.max_steps),
+            target_center: if file.train.loss.is_classification() {
+                0.0
+            } else {
+                data.train.y.iter().map(|&v| v as f64).sum::<f64>()
+                    / data.train.rows().max(1) as f64
+            },
         };
         let mut st = self.lock();
         st.next_job += 1;
@@ -211,7 +218,10 @@ impl Coordinator {
         } else {
             PathBuf::from(&req.out_dir)
         };
-        let total_steps = plan.steps_per_epoch() as u64 * plan.epochs as u64;
+        let mut total_steps = plan.steps_per_epoch() as u64 * plan.epochs as u64;
+        if let Some(m) = plan.max_steps {
+            total_steps = total_steps.min(m);
+        }
         let status = JobStatus {
             job_id: id.0.clone(),
             name: file.name.clone(),
@@ -489,7 +499,7 @@ impl Coordinator {
             )));
         }
         match job.members.get(rank as usize) {
-            Some(w) if w.0 == worker_id || worker_id.is_empty() => Ok(job),
+            Some(w) if w.0 == worker_id => Ok(job),
             _ => Err(CoordinatorError::Precondition(format!(
                 "worker {worker_id} is not rank {rank} of job {job_id} generation {generation}"
             ))),
@@ -508,6 +518,10 @@ impl Coordinator {
         };
         match r.kind {
             Some(worker_report::Kind::Step(s)) => {
+                if s.step == 0 {
+                    tracing::debug!("ignoring a step report for step 0");
+                    return;
+                }
                 if let Err(d) = job.replica.record(s.step, r.rank, s.param_hash) {
                     self.end_job(&mut st, &r.job_id, JobState::Failed, Some(d.to_string()));
                     self.schedule(&mut st);
@@ -582,10 +596,13 @@ impl Coordinator {
                     let msg = "rank 0 finished without uploading the final checkpoint".to_string();
                     self.end_job(&mut st, &r.job_id, JobState::Failed, Some(msg));
                 } else {
-                    let epochs = job.file.epochs;
+                    // Fewer epochs than planned means early stopping, unless a step limit
+                    // (benchmarks) cut the run short.
+                    let early = job.plan.max_steps.is_none() && f.epochs < job.file.epochs;
                     job.status.send_modify(|st| {
                         st.step = f.steps;
-                        if f.epochs < epochs {
+                        st.timing = f.timing.clone();
+                        if early {
                             st.stopped_epoch = f.epochs;
                         }
                         let m = st.metrics.get_or_insert_with(Metrics::default);
@@ -612,7 +629,7 @@ impl Coordinator {
     ) -> Result<PathBuf, CoordinatorError> {
         let (store, meta, out_dir, info) = {
             let mut st = self.lock();
-            let job = Self::member(&mut st, &u.job_id, u.generation, 0, "")?;
+            let job = Self::member(&mut st, &u.job_id, u.generation, 0, &u.worker_id)?;
             let meta = CheckpointMeta {
                 format: "ringtrain.checkpoint.v1".into(),
                 job_id: u.job_id.clone(),
@@ -693,7 +710,9 @@ impl Coordinator {
         };
         let rank = req.rank as usize;
         let rows: Vec<u32>;
-        let set = match Split::try_from(req.split).unwrap_or(Split::Train) {
+        let split = Split::try_from(req.split)
+            .map_err(|_| CoordinatorError::Precondition(format!("unknown split {}", req.split)))?;
+        let set = match split {
             Split::Train => {
                 rows = sharding::rank_epoch_indices(
                     plan.seed,
@@ -778,7 +797,7 @@ fn load_data(file: &JobFile, source: &str) -> Result<JobData, CoordinatorError> 
         }
         Ok(())
     };
-    let full = Dataset::load(&file.data.train, file.seed)?;
+    let full = Dataset::load(&file.data.train, file.seed, 0)?;
     check(&full, "data.train")?;
     let (mut train, mut validation) = if file.data.validation_split > 0.0 {
         full.split_tail(file.data.validation_split)
@@ -789,12 +808,12 @@ fn load_data(file: &JobFile, source: &str) -> Result<JobData, CoordinatorError> 
         return Err(spec_err("data.validation_split", "leaves no training samples".into()).into());
     }
     if let Some(src) = &file.data.validation {
-        validation = Dataset::load(src, file.seed.wrapping_add(2))?;
+        validation = Dataset::load(src, file.seed, 2)?;
         check(&validation, "data.validation")?;
     }
     let mut test = match &file.data.test {
         Some(src) => {
-            let t = Dataset::load(src, file.seed.wrapping_add(1))?;
+            let t = Dataset::load(src, file.seed, 1)?;
             check(&t, "data.test")?;
             Some(t)
         }

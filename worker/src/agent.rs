@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ringtrain_proto::v1::{
     collective_server::CollectiveServer, control_message,
-    worker_control_client::WorkerControlClient, Assignment, AttachRequest,
+    worker_control_client::WorkerControlClient, worker_report, Assignment, AttachRequest, Failure,
+    WorkerReport,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -183,7 +184,27 @@ fn start_job(
         let plan = match TrainingPlan::from_json(&a.plan_json) {
             Ok(p) => p,
             Err(e) => {
+                // Tell the coordinator, so the job fails with the real reason instead of
+                // waiting for a rank that never starts.
                 warn!(error = %e, "rejecting assignment");
+                let report = WorkerReport {
+                    job_id: a.job_id.clone(),
+                    generation: a.generation,
+                    rank: a.rank,
+                    worker_id,
+                    kind: Some(worker_report::Kind::Failure(Failure {
+                        message: format!("worker rejected the assignment: {e}"),
+                        lost_rank: None,
+                    })),
+                };
+                let mut control = control;
+                let _ = handle.block_on(async move {
+                    tokio::time::timeout(
+                        SHUTDOWN_GRACE,
+                        control.report(tokio_stream::iter(vec![report])),
+                    )
+                    .await
+                });
                 return;
             }
         };
@@ -206,11 +227,18 @@ fn start_job(
     }
 }
 
+/// Cancels the running job and waits until its thread has returned: a blocking task
+/// cannot be aborted, and two jobs must never share this worker. Every collective and
+/// RPC it may be in has a deadline, so the wait is bounded.
 async fn stop_job(running: &mut Option<RunningJob>) {
-    if let Some(r) = running.take() {
+    if let Some(mut r) = running.take() {
         r.cancel.cancel();
-        if tokio::time::timeout(SHUTDOWN_GRACE, r.task).await.is_err() {
-            warn!(job = %r.job_id, "job did not stop within the grace period");
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut r.task)
+            .await
+            .is_err()
+        {
+            warn!(job = %r.job_id, "job is still winding down; waiting for it");
+            let _ = r.task.await;
         }
     }
 }

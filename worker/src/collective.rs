@@ -51,7 +51,14 @@ struct Slot {
 #[derive(Debug, Default)]
 pub struct CollectiveHub {
     slots: Mutex<HashMap<(String, u64), Slot>>,
+    /// Generations whose engine has finished: late streams for them are refused
+    /// instead of creating a slot nobody will ever drain.
+    closed: Mutex<std::collections::HashSet<(String, u64)>>,
 }
+
+/// Most finished generations remembered (oldest forgotten first is not needed: a job's
+/// generations are few, and the set is cleared when it grows past this).
+const CLOSED_MEMORY: usize = 4096;
 
 impl CollectiveHub {
     fn slot<R>(&self, job: &str, generation: u64, f: impl FnOnce(&mut Slot) -> R) -> R {
@@ -65,9 +72,15 @@ impl CollectiveHub {
         f(slot)
     }
 
-    /// The sender the adapter forwards a stream into.
-    pub fn sender(&self, job: &str, generation: u64) -> mpsc::Sender<Inbound> {
-        self.slot(job, generation, |s| s.tx.clone())
+    /// The sender the adapter forwards a stream into; `None` for a generation that has
+    /// already finished here.
+    pub fn sender(&self, job: &str, generation: u64) -> Option<mpsc::Sender<Inbound>> {
+        let closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        if closed.contains(&(job.to_string(), generation)) {
+            return None;
+        }
+        drop(closed);
+        Some(self.slot(job, generation, |s| s.tx.clone()))
     }
 
     /// The receiving end for the engine; `None` if it was already taken.
@@ -77,8 +90,16 @@ impl CollectiveHub {
 
     /// Forgets a generation once its engine is done.
     pub fn close(&self, job: &str, generation: u64) {
+        let key = (job.to_string(), generation);
+        {
+            let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+            if closed.len() >= CLOSED_MEMORY {
+                closed.clear();
+            }
+            closed.insert(key.clone());
+        }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.remove(&(job.to_string(), generation));
+        slots.remove(&key);
     }
 }
 

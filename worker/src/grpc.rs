@@ -41,7 +41,15 @@ impl Collective for CollectiveService {
                 "ring stream must start with a hello",
             ));
         }
-        let tx = self.hub.sender(&hello.job_id, hello.generation);
+        let tx = self
+            .hub
+            .sender(&hello.job_id, hello.generation)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "generation {} of job {} has already finished on this worker",
+                    hello.generation, hello.job_id
+                ))
+            })?;
         let send = |m: Inbound| {
             let tx = tx.clone();
             async move { tx.send_timeout(m, FORWARD_TIMEOUT).await.is_ok() }

@@ -9,10 +9,12 @@
 //! - [`plan`]: the training plan a worker receives with its assignment.
 //! - [`trainer`]: the per-job step loop.
 //! - [`agent`]: the worker process: attach to the coordinator, run assignments.
+//! - [`bench`]: one rank of the all-reduce benchmark.
 //! - [`privacy`]: the differential-privacy accountant.
 //! - [`grpc`]: the `Collective` service adapter; [`error`]: [`WorkerError`].
 
 pub mod agent;
+pub mod bench;
 pub mod collective;
 pub mod config;
 pub mod error;

@@ -121,9 +121,10 @@ pub struct MetricSums {
     pub abs_err: f64,
     /// Σ(ŷ − y)² (regression).
     pub sq_err: f64,
-    /// Σy (regression).
+    /// Σ(y − c) (regression), c the head's target centre.
     pub y_sum: f64,
-    /// Σy² (regression).
+    /// Σ(y − c)² (regression). Centring keeps Σy² − (Σy)²/n from cancelling when the
+    /// sums travel through the f32 all-reduce.
     pub y_sq: f64,
 }
 
@@ -259,7 +260,12 @@ impl MetricSums {
                 Metric::Mse if self.classes == 0 => Self::ratio(self.sq_err, self.count),
                 Metric::R2 if self.classes == 0 => {
                     let ss_tot = self.y_sq - self.y_sum * self.y_sum / self.count.max(1.0);
-                    1.0 - Self::ratio(self.sq_err, ss_tot)
+                    // Constant targets: R² is undefined; report 0 as Keras does.
+                    if ss_tot > 0.0 {
+                        1.0 - self.sq_err / ss_tot
+                    } else {
+                        0.0
+                    }
                 }
                 _ => continue,
             };
@@ -330,7 +336,8 @@ fn check_label(y: f32, classes: usize) -> Result<usize, WorkerError> {
 }
 
 /// Evaluates the loss head over `rows` examples. `z` is the last layer's pre-activation,
-/// `a` its activated output (both rows × outputs), `y` one target per row.
+/// `a` its activated output (both rows × outputs), `y` one target per row. `center` is
+/// subtracted from regression targets in the moment sums (see [`MetricSums::y_sq`]).
 pub fn head(
     kind: LossKind,
     z: &[f64],
@@ -338,6 +345,7 @@ pub fn head(
     y: &[f32],
     outputs: usize,
     want_grad: bool,
+    center: f64,
 ) -> Result<(MetricSums, Option<HeadGrad>), WorkerError> {
     let rows = y.len();
     let classes = kind.metric_classes(outputs);
@@ -397,23 +405,25 @@ pub fn head(
             for (i, &target) in y.iter().enumerate() {
                 let t = target as f64;
                 let e = a[i] - t;
+                // sign(0) = 0, as TensorFlow differentiates |e|.
+                let sign = if e == 0.0 { 0.0 } else { e.signum() };
                 let (l, g) = match kind {
                     LossKind::Mse => (e * e, 2.0 * e),
-                    LossKind::Mae => (e.abs(), e.signum()),
+                    LossKind::Mae => (e.abs(), sign),
                     // Huber (1964) with δ = 1: ½e² inside, δ(|e| − ½δ) outside.
                     _ => {
                         if e.abs() <= 1.0 {
                             (0.5 * e * e, e)
                         } else {
-                            (e.abs() - 0.5, e.signum())
+                            (e.abs() - 0.5, sign)
                         }
                     }
                 };
                 sums.loss_sum += l;
                 sums.abs_err += e.abs();
                 sums.sq_err += e * e;
-                sums.y_sum += t;
-                sums.y_sq += t * t;
+                sums.y_sum += t - center;
+                sums.y_sq += (t - center) * (t - center);
                 if want_grad {
                     grad[i] = g;
                 }
@@ -442,6 +452,7 @@ mod tests {
             y,
             classes,
             true,
+            0.0,
         )
         .unwrap()
         {
@@ -487,6 +498,7 @@ mod tests {
             &[1.0, 0.0],
             1,
             true,
+            0.0,
         )
         .unwrap();
         assert!((s.loss_sum - expect).abs() < 1e-12);
@@ -501,12 +513,12 @@ mod tests {
     fn regression_losses_match_their_formulas() {
         let a = [1.5, -0.2, 4.0];
         let y = [1.0f32, 0.0, 1.0];
-        let (mse, _) = head(LossKind::Mse, &a, &a, &y, 1, false).unwrap();
+        let (mse, _) = head(LossKind::Mse, &a, &a, &y, 1, false, 0.0).unwrap();
         assert!((mse.loss() - (0.25 + 0.04 + 9.0) / 3.0).abs() < 1e-12);
-        let (mae, _) = head(LossKind::Mae, &a, &a, &y, 1, false).unwrap();
+        let (mae, _) = head(LossKind::Mae, &a, &a, &y, 1, false, 0.0).unwrap();
         assert!((mae.loss() - (0.5 + 0.2 + 3.0) / 3.0).abs() < 1e-12);
         // Huber δ = 1: 0.125, 0.02, and 3 − 0.5 = 2.5.
-        let (h, g) = head(LossKind::Huber, &a, &a, &y, 1, true).unwrap();
+        let (h, g) = head(LossKind::Huber, &a, &a, &y, 1, true, 0.0).unwrap();
         assert!((h.loss_sum - (0.125 + 0.02 + 2.5)).abs() < 1e-12);
         assert_eq!(g, Some(HeadGrad::Output(vec![0.5, -0.2, 1.0])));
     }
@@ -519,10 +531,20 @@ mod tests {
             &[],
             &[2.0],
             2,
-            false
+            false,
+            0.0
         )
         .is_err());
-        assert!(head(LossKind::BinaryCrossentropy, &[0.0], &[], &[0.5], 1, false).is_err());
+        assert!(head(
+            LossKind::BinaryCrossentropy,
+            &[0.0],
+            &[],
+            &[0.5],
+            1,
+            false,
+            0.0
+        )
+        .is_err());
     }
 
     #[test]
@@ -544,9 +566,26 @@ mod tests {
     }
 
     #[test]
+    fn centring_keeps_r2_accurate_through_f32() {
+        // Targets around 2005 ± 8 (years): uncentred f32 moments lose R² entirely.
+        let y: Vec<f32> = (0..1000).map(|i| 1997.0 + (i % 17) as f32).collect();
+        let a: Vec<f64> = y.iter().map(|&v| v as f64 + 0.5).collect();
+        let exact = {
+            let mean = y.iter().map(|&v| v as f64).sum::<f64>() / 1000.0;
+            let ss_tot: f64 = y.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
+            1.0 - 250.0 / ss_tot
+        };
+        let (s, _) = head(LossKind::Mse, &a, &a, &y, 1, false, 2005.0).unwrap();
+        let mut flat = vec![0f32; MetricSums::flat_len(0)];
+        s.write_flat(&mut flat);
+        let back = MetricSums::from_flat(0, &flat);
+        assert!((back.values(&[Metric::R2])[1].1 - exact).abs() < 1e-4);
+    }
+
+    #[test]
     fn r2_is_one_for_a_perfect_fit_and_sums_survive_the_flat_form() {
         let a = [1.0, 2.0, 3.0];
-        let (s, _) = head(LossKind::Mse, &a, &a, &[1.0, 2.0, 3.0], 1, false).unwrap();
+        let (s, _) = head(LossKind::Mse, &a, &a, &[1.0, 2.0, 3.0], 1, false, 0.0).unwrap();
         assert_eq!(s.values(&[Metric::R2])[1].1, 1.0);
         let mut flat = vec![0f32; MetricSums::flat_len(0)];
         s.write_flat(&mut flat);

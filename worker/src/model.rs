@@ -332,6 +332,7 @@ pub struct Mlp {
     spec: ModelSpec,
     layout: Vec<LayerLayout>,
     loss: LossKind,
+    target_center: f64,
     device: Device,
     dtype: DType,
 }
@@ -349,9 +350,17 @@ impl Mlp {
             spec,
             layout,
             loss,
+            target_center: 0.0,
             device: Device::Cpu,
             dtype,
         }
+    }
+
+    /// Sets the value subtracted from regression targets in the metric moment sums
+    /// (the training-target mean keeps R² accurate through the f32 all-reduce).
+    pub fn with_target_center(mut self, center: f64) -> Self {
+        self.target_center = center;
+        self
     }
 
     /// The architecture.
@@ -500,7 +509,16 @@ impl Mlp {
         }
         let f = self.forward(params, x, rows, None)?;
         let (z, a) = self.head_inputs(&f)?;
-        Ok(loss::head(self.loss, &z, &a, y, self.spec.outputs(), false)?.0)
+        Ok(loss::head(
+            self.loss,
+            &z,
+            &a,
+            y,
+            self.spec.outputs(),
+            false,
+            self.target_center,
+        )?
+        .0)
     }
 
     fn head_inputs(&self, f: &Forward) -> Result<(Vec<f64>, Vec<f64>), WorkerError> {
@@ -531,7 +549,7 @@ impl Mlp {
         let f = self.forward(params, x, rows, dropout)?;
         let (z, a) = self.head_inputs(&f)?;
         let outputs = self.spec.outputs();
-        let (sums, g) = loss::head(self.loss, &z, &a, y, outputs, true)?;
+        let (sums, g) = loss::head(self.loss, &z, &a, y, outputs, true, self.target_center)?;
         let (g, fused) = match g {
             Some(HeadGrad::PreActivation(g)) => (g, true),
             Some(HeadGrad::Output(g)) => (g, false),

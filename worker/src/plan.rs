@@ -31,8 +31,10 @@ fn val_loss() -> String {
 }
 
 /// What to train and how.
+///
+/// Unknown fields are tolerated (not denied) so that a worker one version behind a
+/// coordinator still understands plans that only add optional settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TrainingPlan {
     /// Job name, for logs.
     pub name: String,
@@ -70,6 +72,12 @@ pub struct TrainingPlan {
     pub features: usize,
     /// Deadline of any single collective send or receive, in milliseconds.
     pub collective_timeout_ms: u64,
+    /// Mean of the training targets (regression; 0 otherwise), subtracted in metric sums.
+    #[serde(default)]
+    pub target_center: f64,
+    /// Stop after this many steps (benchmarks); `None`: train every epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
 }
 
 impl TrainingPlan {

@@ -192,6 +192,35 @@ fn fetch(
     }
 }
 
+/// Where step time goes on this rank (seconds, summed over steps).
+#[derive(Debug, Default)]
+struct StepTiming {
+    compute: f64,
+    allreduce: f64,
+    optimizer: f64,
+    total: f64,
+    steps: u64,
+    samples: f64,
+}
+
+impl StepTiming {
+    fn into_map(self) -> std::collections::HashMap<String, f64> {
+        let other = (self.total - self.compute - self.allreduce - self.optimizer).max(0.0);
+        [
+            ("compute", self.compute),
+            ("allreduce", self.allreduce),
+            ("optimizer", self.optimizer),
+            ("other", other),
+            ("total", self.total),
+            ("steps", self.steps as f64),
+            ("samples", self.samples),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
 /// Metric sums of a split, summed across all ranks.
 fn evaluate(
     ctx: &JobContext,
@@ -240,6 +269,12 @@ fn named(
         .collect()
 }
 
+/// A checkpoint upload in flight.
+type Upload = tokio::task::JoinHandle<Result<(), WorkerError>>;
+
+/// Starts uploading a copy of the state and returns at once: rank 0 keeps stepping (its
+/// peers would otherwise wait in the next all-reduce for as long as the coordinator
+/// takes to write and fsync) while the copy travels.
 fn upload(
     ctx: &JobContext,
     params: &[f32],
@@ -247,7 +282,7 @@ fn upload(
     step: u64,
     epoch: u32,
     final_: bool,
-) -> Result<(), WorkerError> {
+) -> Upload {
     let _span = info_span!("checkpoint", step, final_).entered();
     let a = &ctx.assignment;
     let req = CheckpointUpload {
@@ -269,18 +304,29 @@ fn upload(
             .collect(),
         optimizer_t: opt.t,
         param_hash: crate::param_hash(params),
+        worker_id: ctx.worker_id.clone(),
     };
     let mut control = ctx.control.clone();
-    block_on(ctx, async move {
+    ctx.handle.spawn(async move {
         control
             .upload_checkpoint(req)
             .await
+            .map(|_| ())
             .map_err(|s| WorkerError::Coordinator {
                 call: "UploadCheckpoint",
                 status: s.to_string(),
             })
-    })?;
-    Ok(())
+    })
+}
+
+/// Waits for an upload started by [`upload`].
+fn finish_upload(ctx: &JobContext, pending: Option<Upload>) -> Result<(), WorkerError> {
+    match pending {
+        Some(h) => block_on(ctx, async {
+            h.await.map_err(|e| WorkerError::Join(e.to_string()))?
+        }),
+        None => Ok(()),
+    }
 }
 
 fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
@@ -308,7 +354,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
     } else {
         Shard::default()
     };
-    let mlp = Mlp::new(plan.model.clone(), plan.loss);
+    let mlp = Mlp::new(plan.model.clone(), plan.loss).with_target_center(plan.target_center);
     let p = mlp.num_params();
     let classes = mlp.metric_classes();
     let has_l2 = plan.model.layers.iter().any(|l| l.l2 > 0.0);
@@ -323,6 +369,9 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
     let mut best: Option<(f64, Vec<f32>)> = None;
     let mut since_best = 0u32;
     let mut epochs_done = 0u32;
+    let mut timing = StepTiming::default();
+    let mut pending_upload: Option<Upload> = None;
+    let max_steps = plan.max_steps.unwrap_or(u64::MAX);
     let mut next = Some(ctx.handle.spawn(fetch(ctx, Split::Train, 0)));
     for epoch in 0..plan.epochs {
         let shard = match next.take() {
@@ -350,6 +399,10 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             if ctx.cancel.is_cancelled() {
                 return Err(WorkerError::Cancelled);
             }
+            if step >= max_steps {
+                break;
+            }
+            let t_step = Instant::now();
             step += 1;
             let _span = info_span!("step", step).entered();
             let x = &shard.x[cursor * d..(cursor + rows) * d];
@@ -360,8 +413,10 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 samples: &shard.idx[cursor..cursor + rows],
             };
             cursor += rows;
+            let t_compute = Instant::now();
             let sums = mlp.forward_backward(&params, x, y, rows, &mut buf[..p], Some(&key))?;
             sums.write_flat(&mut buf[p..]);
+            timing.compute += t_compute.elapsed().as_secs_f64();
             {
                 let t = Instant::now();
                 let span = info_span!(
@@ -371,8 +426,11 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 );
                 let _ar = span.enter();
                 block_on(ctx, ring.all_reduce(&mut buf, step))?;
-                span.record("seconds", t.elapsed().as_secs_f64());
+                let secs = t.elapsed().as_secs_f64();
+                span.record("seconds", secs);
+                timing.allreduce += secs;
             }
+            let t_opt = Instant::now();
             let global = MetricSums::from_flat(classes, &buf[p..]);
             let m = global.count.max(1.0);
             let inv = (1.0 / m) as f32;
@@ -389,6 +447,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             }
             let lr = plan.schedule.rate(base_lr, step - 1, plan.warmup_steps);
             opt.step(&mut params, grad, lr);
+            timing.optimizer += t_opt.elapsed().as_secs_f64();
             penalty_sum += penalty * m;
             reports.send(worker_report::Kind::Step(StepReport {
                 step,
@@ -401,8 +460,14 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             epoch_sums.add(&global);
             if rank == 0 && plan.checkpoint_every > 0 && step.is_multiple_of(plan.checkpoint_every)
             {
-                upload(ctx, &params, &opt, step, epoch, false)?;
+                // One upload at a time: the previous one has had `checkpoint_every`
+                // steps to finish.
+                finish_upload(ctx, pending_upload.take())?;
+                pending_upload = Some(upload(ctx, &params, &opt, step, epoch, false));
             }
+            timing.total += t_step.elapsed().as_secs_f64();
+            timing.steps += 1;
+            timing.samples += m;
         }
         let seconds = started.elapsed().as_secs_f64();
         let mut values = named(
@@ -457,7 +522,8 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 since_best = 0;
             } else {
                 since_best += 1;
-                stop = since_best > es.patience;
+                // Keras: stop once `patience` epochs in a row brought no improvement.
+                stop = since_best >= es.patience;
             }
         }
         if rank == 0 {
@@ -467,6 +533,9 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         }
         if stop {
             info!(epoch = epoch + 1, "early stopping");
+            break;
+        }
+        if step >= max_steps {
             break;
         }
     }
@@ -482,7 +551,11 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         test_metrics = named(&t, &plan.metrics, "test_", 0.0);
     }
     if rank == 0 {
-        upload(ctx, &params, &opt, step, epochs_done, true)?;
+        finish_upload(ctx, pending_upload.take())?;
+        finish_upload(
+            ctx,
+            Some(upload(ctx, &params, &opt, step, epochs_done, true)),
+        )?;
     }
     ctx.handle.block_on(ring.close());
     let get = |k: &str| test_metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
@@ -492,6 +565,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         test_accuracy: get("test_accuracy"),
         test_metrics: test_metrics.iter().cloned().collect(),
         epochs: epochs_done,
+        timing: timing.into_map(),
     }));
     Ok(())
 }
