@@ -57,8 +57,13 @@ pub fn allreduce(
     workers: usize,
     sizes: &[usize],
     iters: usize,
+    data_plane: ringtrain_coordinator::DataPlane,
     json_out: bool,
 ) -> anyhow::Result<()> {
+    let plane = match data_plane {
+        ringtrain_coordinator::DataPlane::Tcp => "tcp",
+        ringtrain_coordinator::DataPlane::Grpc => "grpc",
+    };
     if workers < 2 {
         bail!("--workers must be at least 2 (an all-reduce over one rank moves nothing)");
     }
@@ -76,6 +81,8 @@ pub fn allreduce(
                 "bench-peer",
                 "--rank",
                 &rank.to_string(),
+                "--data-plane",
+                plane,
                 "--bytes",
                 &size_arg,
                 "--iters",
@@ -135,7 +142,9 @@ pub fn allreduce(
             json!({ "workers": workers, "iters": iters, "results": results })
         );
     } else {
-        println!("all-reduce, {workers} processes on loopback, median of {iters} iterations");
+        println!(
+            "all-reduce ({plane}), {workers} processes on loopback, median of {iters} iterations"
+        );
         println!(
             "{:>14} {:>12} {:>12} {:>12}",
             "bytes", "seconds", "algbw GB/s", "busbw GB/s"
@@ -154,16 +163,24 @@ pub fn allreduce(
 }
 
 /// The hidden `bench-peer` rank.
-pub async fn peer(rank: usize, sizes: &[usize], iters: usize) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    println!("listening on {}", listener.local_addr()?);
-    std::io::stdout().flush()?;
+pub async fn peer(
+    rank: usize,
+    sizes: &[usize],
+    iters: usize,
+    data_plane: ringtrain_coordinator::DataPlane,
+) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
-    let hub = ringtrain_worker::bench::serve(listener, stop.clone());
+    let (hubs, addr) = ringtrain_worker::bench::listen(
+        data_plane == ringtrain_coordinator::DataPlane::Tcp,
+        stop.clone(),
+    )
+    .await?;
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     let peers: Vec<String> = line.trim().split(',').map(String::from).collect();
-    let times = ringtrain_worker::bench::run(hub, rank, &peers, sizes, iters).await?;
+    let times = ringtrain_worker::bench::run(hubs, rank, &peers, sizes, iters).await?;
     println!("{}", serde_json::to_string(&times)?);
     stop.cancel();
     Ok(())

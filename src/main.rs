@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ringtrain_coordinator::client::{self, is_terminal, DEFAULT_COORDINATOR};
 use ringtrain_coordinator::local::{run_local, LocalOptions};
-use ringtrain_coordinator::ServerConfig;
+use ringtrain_coordinator::{DataPlane, ServerConfig};
 use ringtrain_proto::v1::{JobRequest, ListRequest};
 use ringtrain_worker::config::WorkerConfig;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +49,9 @@ enum Command {
         /// Deadline of one collective send/receive, in seconds.
         #[arg(long, default_value_t = 20)]
         collective_timeout_secs: u64,
+        /// Ring transport: tcp (plain TCP data plane) or grpc (Collective streams).
+        #[arg(long, default_value = "tcp")]
+        data_plane: DataPlane,
         /// The job file.
         job: PathBuf,
     },
@@ -63,6 +66,9 @@ enum Command {
         /// Deadline of one collective send/receive, in seconds.
         #[arg(long, default_value_t = 20)]
         collective_timeout_secs: u64,
+        /// Ring transport: tcp (plain TCP data plane) or grpc (Collective streams).
+        #[arg(long, default_value = "tcp")]
+        data_plane: DataPlane,
     },
     /// Run a worker that attaches to a coordinator.
     Worker {
@@ -162,6 +168,8 @@ enum Command {
         #[arg(long)]
         rank: usize,
         #[arg(long)]
+        data_plane: DataPlane,
+        #[arg(long)]
         bytes: String,
         #[arg(long)]
         iters: usize,
@@ -186,6 +194,9 @@ enum BenchCommand {
         /// Timed iterations per size (after one warm-up).
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        /// Ring transport: tcp or grpc.
+        #[arg(long, default_value = "tcp")]
+        data_plane: DataPlane,
     },
     /// Samples/s of the real training path (data, compute, all-reduce, optimizer) on N
     /// local worker processes, excluding start-up.
@@ -196,6 +207,9 @@ enum BenchCommand {
         /// Steps to run (at most the job's epochs' worth).
         #[arg(long, default_value_t = 2000)]
         steps: u64,
+        /// Ring transport: tcp or grpc.
+        #[arg(long, default_value = "tcp")]
+        data_plane: DataPlane,
         /// The job file.
         job: PathBuf,
     },
@@ -302,6 +316,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             workers,
             out,
             collective_timeout_secs,
+            data_plane,
             job,
         } => {
             init_tracing("warn");
@@ -315,6 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     exe,
                     collective_timeout: Duration::from_secs(collective_timeout_secs),
                     max_steps: None,
+                    data_plane,
                 },
                 |s| bar.update(s),
                 shutdown_token(),
@@ -328,6 +344,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             data_dir,
             collective_timeout_secs,
+            data_plane,
         } => {
             init_tracing("info");
             let listener = tokio::net::TcpListener::bind(&listen)
@@ -340,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = ServerConfig {
                 data_dir,
                 collective_timeout: Duration::from_secs(collective_timeout_secs),
+                data_plane,
             };
             ringtrain_coordinator::server::run(config, listener, shutdown_token()).await?;
             Ok(ExitCode::SUCCESS)
@@ -458,13 +476,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     workers,
                     bytes,
                     iters,
+                    data_plane,
                 } => {
                     let sizes = bench::parse_sizes(&bytes)?;
-                    bench::allreduce(workers, &sizes, iters.max(1), json)?;
+                    bench::allreduce(workers, &sizes, iters.max(1), data_plane, json)?;
                 }
                 BenchCommand::Train {
                     workers,
                     steps,
+                    data_plane,
                     job,
                 } => {
                     let exe =
@@ -479,6 +499,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             exe,
                             collective_timeout: Duration::from_secs(20),
                             max_steps: Some(steps),
+                            data_plane,
                         },
                         |_| {},
                         shutdown_token(),
@@ -490,13 +511,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchPeer { rank, bytes, iters } => {
+        Command::BenchPeer {
+            rank,
+            data_plane,
+            bytes,
+            iters,
+        } => {
             init_tracing("warn");
             let sizes: Vec<usize> = bytes
                 .split(',')
                 .map(|s| s.parse())
                 .collect::<Result<_, _>>()?;
-            bench::peer(rank, &sizes, iters).await?;
+            bench::peer(rank, &sizes, iters, data_plane).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Privacy { command } => {

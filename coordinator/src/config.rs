@@ -10,6 +10,33 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Deadline of a single collective send/receive, handed to workers.
     pub collective_timeout: Duration,
+    /// Which transport ring chunks use.
+    pub data_plane: DataPlane,
+}
+
+/// The ring's transport for bulk data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataPlane {
+    /// Plain TCP between neighbours, negotiated and authenticated through gRPC (used
+    /// when every member of a generation advertises a data address).
+    #[default]
+    Tcp,
+    /// gRPC `Collective` streams.
+    Grpc,
+}
+
+impl std::str::FromStr for DataPlane {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(DataPlane::Tcp),
+            "grpc" => Ok(DataPlane::Grpc),
+            other => Err(format!(
+                "unknown data plane {other:?} (expected tcp or grpc)"
+            )),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -17,6 +44,7 @@ impl Default for ServerConfig {
         ServerConfig {
             data_dir: PathBuf::from("ringtrain-data"),
             collective_timeout: Duration::from_secs(20),
+            data_plane: DataPlane::default(),
         }
     }
 }

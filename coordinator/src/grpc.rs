@@ -117,7 +117,7 @@ impl WorkerControl for CoordinatorApi {
         if r.collective_addr.is_empty() {
             return Err(Status::invalid_argument("attach: collective_addr is empty"));
         }
-        let rx = self.core.attach(r.collective_addr, r.name);
+        let rx = self.core.attach(r.collective_addr, r.name, r.data_addr);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

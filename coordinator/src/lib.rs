@@ -28,6 +28,6 @@ pub mod saved_model;
 pub mod server;
 pub mod service;
 
-pub use config::ServerConfig;
+pub use config::{DataPlane, ServerConfig};
 pub use error::{CoordinatorError, SpecError};
 pub use service::Coordinator;

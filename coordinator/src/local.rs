@@ -34,6 +34,8 @@ pub struct LocalOptions {
     pub collective_timeout: Duration,
     /// Stop after this many steps (benchmarks).
     pub max_steps: Option<u64>,
+    /// The ring's transport.
+    pub data_plane: crate::config::DataPlane,
 }
 
 /// Runs one job on an embedded cluster and returns its final status. `on_status` sees
@@ -50,6 +52,7 @@ pub async fn run_local(
         // Run directories land in ./runs/<name>-<id>/ (checkpoints inside them).
         data_dir: PathBuf::from("."),
         collective_timeout: opts.collective_timeout,
+        data_plane: opts.data_plane,
     });
     let job_id = core.submit(req).await?;
     let status = core.get(&job_id.0)?;

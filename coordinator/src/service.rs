@@ -49,6 +49,7 @@ pub struct JobData {
 #[derive(Debug)]
 struct WorkerEntry {
     addr: String,
+    data_addr: String,
     name: String,
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
     job: Option<JobId>,
@@ -367,12 +368,23 @@ impl Coordinator {
             let generation = job.generation;
             let mut members = Vec::new();
             let mut peers = Vec::new();
+            let mut data_peers = Vec::new();
             for k in chosen {
                 if let Some((wid, w)) = st.workers.get(k) {
                     members.push(wid.clone());
                     peers.push(w.addr.clone());
+                    data_peers.push(w.data_addr.clone());
                 }
             }
+            // TCP data plane only when configured and every member offers one; the token
+            // is fresh per generation, so a stale or foreign connection is refused.
+            let use_tcp = self.config.data_plane == crate::config::DataPlane::Tcp
+                && data_peers.iter().all(|d| !d.is_empty());
+            let (data_peers, ring_token) = if use_tcp {
+                (data_peers, random_token().to_vec())
+            } else {
+                (Vec::new(), Vec::new())
+            };
             let Some((_, job)) = st.jobs.get_mut(&n) else {
                 continue;
             };
@@ -393,6 +405,8 @@ impl Coordinator {
                         world: need as u32,
                         peers: peers.clone(),
                         plan_json: plan_json.clone(),
+                        data_peers: data_peers.clone(),
+                        ring_token: ring_token.clone().into(),
                     };
                     let _ = w.tx.try_send(Ok(ControlMessage {
                         kind: Some(control_message::Kind::Assignment(a)),
@@ -406,7 +420,12 @@ impl Coordinator {
 
     /// Registers a worker; the returned stream carries its control messages. When the
     /// worker goes away (the stream is dropped), it is detached.
-    pub fn attach(self: &Arc<Self>, addr: String, name: String) -> ControlStream {
+    pub fn attach(
+        self: &Arc<Self>,
+        addr: String,
+        name: String,
+        data_addr: String,
+    ) -> ControlStream {
         let (tx, rx) = mpsc::channel(CONTROL_CAPACITY);
         let mut st = self.lock();
         st.next_worker += 1;
@@ -425,6 +444,7 @@ impl Coordinator {
                 id.clone(),
                 WorkerEntry {
                     addr,
+                    data_addr,
                     name,
                     tx,
                     job: None,
@@ -762,6 +782,25 @@ impl Coordinator {
     }
 }
 
+/// 128 bits from the OS-seeded keys of `RandomState` (std has no other entropy source;
+/// this is a capability token against stray connections, not key material).
+fn random_token() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for (i, half) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
+
 /// What `model.json` says besides the architecture.
 #[derive(Debug, Clone)]
 struct ModelInfo {
@@ -953,8 +992,8 @@ loss = "sparse_categorical_crossentropy"
             .unwrap();
         assert_eq!(core.get(&id.0).unwrap().state, "waiting");
         let streams = vec![
-            core.attach("a:1".into(), "a".into()),
-            core.attach("b:1".into(), "b".into()),
+            core.attach("a:1".into(), "a".into(), String::new()),
+            core.attach("b:1".into(), "b".into(), String::new()),
         ];
         assert_eq!(core.get(&id.0).unwrap().state, "running");
         (core, id.0, streams, dir)

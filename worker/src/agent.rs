@@ -49,6 +49,21 @@ pub async fn run(
         .advertise
         .clone()
         .unwrap_or_else(|| local.to_string());
+    // The plain-TCP data plane listens beside the gRPC one, on the same interface; its
+    // port is advertised next to the collective address.
+    let data_listener =
+        TcpListener::bind((local.ip(), 0))
+            .await
+            .map_err(|e| WorkerError::Connect {
+                addr: format!("{}:0", local.ip()),
+                detail: format!("binding the data plane: {e}"),
+            })?;
+    let data_port = data_listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let data_advertise = match advertise.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{data_port}"),
+        None => format!("{advertise}:{data_port}"),
+    };
+    let data_hub = Arc::new(crate::tcp_ring::DataHub::default());
     let hub = Arc::new(CollectiveHub::default());
     let service = CollectiveServer::new(CollectiveService::new(hub.clone()))
         .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
@@ -58,14 +73,20 @@ pub async fn run(
         let stop = server_stop.clone();
         Server::builder()
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(16 << 20))
+            .initial_stream_window_size(Some(crate::collective::H2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(crate::collective::H2_CONNECTION_WINDOW))
+            .max_frame_size(Some(crate::collective::H2_MAX_FRAME))
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 stop.cancelled().await
             })
     });
-    info!(collective = %advertise, coordinator = %config.coordinator, "worker started");
+    let data_task = tokio::spawn(crate::tcp_ring::accept_loop(
+        data_listener,
+        data_hub.clone(),
+        server_stop.clone(),
+    ));
+    info!(collective = %advertise, data = %data_advertise, coordinator = %config.coordinator, "worker started");
 
     let mut running: Option<RunningJob> = None;
     let mut backoff = Duration::from_millis(100);
@@ -99,6 +120,7 @@ pub async fn run(
             .attach(AttachRequest {
                 collective_addr: advertise.clone(),
                 name: config.name.clone(),
+                data_addr: data_advertise.clone(),
             })
             .await
         {
@@ -140,7 +162,7 @@ pub async fn run(
                     running = Some(start_job(
                         a,
                         control.clone(),
-                        hub.clone(),
+                        (hub.clone(), data_hub.clone()),
                         worker_id.clone(),
                         &shutdown,
                     ));
@@ -164,13 +186,14 @@ pub async fn run(
     stop_job(&mut running).await;
     server_stop.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, data_task).await;
     Ok(())
 }
 
 fn start_job(
     a: Assignment,
     control: WorkerControlClient<Channel>,
-    hub: Arc<CollectiveHub>,
+    (hub, data_hub): (Arc<CollectiveHub>, Arc<crate::tcp_ring::DataHub>),
     worker_id: String,
     shutdown: &CancellationToken,
 ) -> RunningJob {
@@ -212,6 +235,7 @@ fn start_job(
             handle,
             control,
             hub,
+            data_hub,
             worker_id,
             assignment: a,
             plan,

@@ -1,5 +1,5 @@
-//! One rank of `ringtrain bench allreduce`: the production ring (gRPC `Collective` server,
-//! [`RingLink`]) timed over a list of buffer sizes.
+//! One rank of `ringtrain bench allreduce`: the production ring over either data plane
+//! (gRPC `Collective` streams or the plain-TCP data plane), timed over buffer sizes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,12 +10,40 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::collective::{CollectiveHub, RingConfig, RingLink};
+use crate::collective::{CollectiveHub, Ring, RingConfig, RingLink};
 use crate::error::WorkerError;
 use crate::grpc::CollectiveService;
+use crate::tcp_ring::{accept_loop, DataHub, DataPeers, TcpRing};
 
-/// Starts this rank's `Collective` server on `listener`; returns the hub it feeds.
-pub fn serve(listener: TcpListener, stop: CancellationToken) -> Arc<CollectiveHub> {
+/// Where this rank receives ring traffic.
+#[derive(Debug)]
+pub enum Hubs {
+    /// gRPC streams arrive here.
+    Grpc(Arc<CollectiveHub>),
+    /// TCP data connections arrive here.
+    Tcp(Arc<DataHub>),
+}
+
+/// The token the benchmark's ranks share (they are one trusted process tree).
+const BENCH_TOKEN: [u8; 16] = *b"ringtrain-bench!";
+
+/// Binds 127.0.0.1:0 and serves the chosen data plane on it; returns its address.
+pub async fn listen(tcp: bool, stop: CancellationToken) -> Result<(Hubs, String), WorkerError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| WorkerError::Connect {
+            addr: "127.0.0.1:0".into(),
+            detail: e.to_string(),
+        })?;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    if tcp {
+        let hub = Arc::new(DataHub::default());
+        tokio::spawn(accept_loop(listener, hub.clone(), stop));
+        return Ok((Hubs::Tcp(hub), addr));
+    }
     let hub = Arc::new(CollectiveHub::default());
     let svc = CollectiveServer::new(CollectiveService::new(hub.clone()))
         .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
@@ -23,19 +51,20 @@ pub fn serve(listener: TcpListener, stop: CancellationToken) -> Arc<CollectiveHu
     tokio::spawn(
         Server::builder()
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(16 << 20))
+            .initial_stream_window_size(Some(crate::collective::H2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(crate::collective::H2_CONNECTION_WINDOW))
+            .max_frame_size(Some(crate::collective::H2_MAX_FRAME))
             .add_service(svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned()),
     );
-    hub
+    Ok((Hubs::Grpc(hub), addr))
 }
 
 /// Times `iters` all-reduces of each size (in bytes, rounded down to whole f32s) after
 /// one warm-up, with a one-float all-reduce before each as a barrier. Returns, per size,
 /// this rank's seconds for every timed iteration.
 pub async fn run(
-    hub: Arc<CollectiveHub>,
+    hubs: Hubs,
     rank: usize,
     peers: &[String],
     sizes: &[usize],
@@ -45,16 +74,31 @@ pub async fn run(
         timeout: Duration::from_secs(60),
         ..RingConfig::default()
     };
-    let mut link = RingLink::connect(
-        hub,
-        "bench",
-        1,
-        rank,
-        peers,
-        config,
-        CancellationToken::new(),
-    )
-    .await?;
+    let cancel = CancellationToken::new();
+    let mut ring = match hubs {
+        Hubs::Grpc(hub) => {
+            Ring::Grpc(RingLink::connect(hub, "bench", 1, rank, peers, config, cancel).await?)
+        }
+        Hubs::Tcp(hub) => {
+            let data = DataPeers {
+                addrs: peers.to_vec(),
+                token: BENCH_TOKEN,
+            };
+            Ring::Tcp(
+                TcpRing::connect(
+                    &hub,
+                    "bench",
+                    1,
+                    rank,
+                    &data,
+                    config.timeout,
+                    config.chunk_elems,
+                    cancel,
+                )
+                .await?,
+            )
+        }
+    };
     let mut out = Vec::new();
     let mut step = 0u64;
     for &bytes in sizes {
@@ -66,16 +110,16 @@ pub async fn run(
         for it in 0..=iters {
             let mut barrier = [1.0f32];
             step += 1;
-            link.all_reduce(&mut barrier, step).await?;
+            ring.all_reduce(&mut barrier, step).await?;
             step += 1;
             let t = Instant::now();
-            link.all_reduce(&mut buf, step).await?;
+            ring.all_reduce(&mut buf, step).await?;
             if it > 0 {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
         out.push(times);
     }
-    link.close().await;
+    ring.close().await;
     Ok(out)
 }

@@ -29,6 +29,15 @@ const INBOX_CAPACITY: usize = 64;
 /// Messages buffered on the outgoing stream.
 const OUTBOX_CAPACITY: usize = 64;
 
+/// HTTP/2 tuning for bulk ring streams, shared by the client and server sides: large
+/// frames (the 16 KiB default costs a frame header and a wake-up per 16 KiB) and windows
+/// big enough that flow control never idles a loopback link.
+pub const H2_MAX_FRAME: u32 = 1 << 20;
+/// Per-stream flow-control window.
+pub const H2_STREAM_WINDOW: u32 = 16 << 20;
+/// Per-connection flow-control window.
+pub const H2_CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// What the adapter hands the engine: a chunk, or the news that the stream broke.
 #[derive(Debug)]
 pub enum Inbound {
@@ -135,8 +144,9 @@ pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, WorkerError> 
         })?
         .tcp_nodelay(true)
         .connect_timeout(timeout)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(H2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(H2_CONNECTION_WINDOW))
+        .max_frame_size(Some(H2_MAX_FRAME))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(timeout))
 }
@@ -533,5 +543,32 @@ impl Drop for RingLink {
         // task then finishes by itself. It is not aborted: that could cut off the last
         // chunks a neighbour still needs.
         self.out.take();
+    }
+}
+
+/// The ring of one generation over whichever data plane the coordinator chose.
+#[derive(Debug)]
+pub enum Ring {
+    /// Chunks in gRPC `Collective` streams.
+    Grpc(RingLink),
+    /// Chunks over plain TCP, negotiated through the control plane.
+    Tcp(crate::tcp_ring::TcpRing),
+}
+
+impl Ring {
+    /// Sums `buf` element-wise across all ranks, in place.
+    pub async fn all_reduce(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
+        match self {
+            Ring::Grpc(r) => r.all_reduce(buf, step).await,
+            Ring::Tcp(r) => r.all_reduce(buf, step).await,
+        }
+    }
+
+    /// Ends the outgoing link after everything queued has been sent.
+    pub async fn close(self) {
+        match self {
+            Ring::Grpc(r) => r.close().await,
+            Ring::Tcp(r) => r.close().await,
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! - [`loss`]: the loss heads (sparse categorical cross-entropy on logits).
 //! - [`optimizer`]: Adam on flat buffers.
 //! - [`sharding`]: how epochs split into global batches and batches across ranks.
-//! - [`ring`]: the ring all-reduce schedule (pure) and [`collective`]: the same over gRPC.
+//! - [`ring`]: the ring all-reduce schedule (pure); [`collective`]: the same over gRPC
+//!   streams, and [`tcp_ring`]: over a plain-TCP data plane.
 //! - [`plan`]: the training plan a worker receives with its assignment.
 //! - [`trainer`]: the per-job step loop.
 //! - [`agent`]: the worker process: attach to the coordinator, run assignments.
@@ -27,6 +28,7 @@ pub mod privacy;
 pub mod ring;
 pub mod rng;
 pub mod sharding;
+pub mod tcp_ring;
 pub mod trainer;
 
 pub use error::WorkerError;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn};
 
-use crate::collective::{CollectiveHub, RingConfig, RingLink};
+use crate::collective::{CollectiveHub, Ring, RingConfig, RingLink};
 use crate::error::WorkerError;
 use crate::loss::{Metric, MetricSums};
 use crate::model::{DropoutKey, Mlp};
@@ -43,6 +43,8 @@ pub struct JobContext {
     pub control: WorkerControlClient<Channel>,
     /// Where incoming ring streams arrive.
     pub hub: Arc<CollectiveHub>,
+    /// Where incoming data-plane connections arrive.
+    pub data_hub: Arc<crate::tcp_ring::DataHub>,
     /// This worker's id at the coordinator.
     pub worker_id: String,
     /// The assignment being run.
@@ -224,7 +226,7 @@ impl StepTiming {
 /// Metric sums of a split, summed across all ranks.
 fn evaluate(
     ctx: &JobContext,
-    ring: &mut RingLink,
+    ring: &mut Ring,
     mlp: &Mlp,
     params: &[f32],
     shard: &Shard,
@@ -337,18 +339,40 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         timeout: Duration::from_millis(plan.collective_timeout_ms),
         ..RingConfig::default()
     };
-    let mut ring = block_on(
-        ctx,
-        RingLink::connect(
-            ctx.hub.clone(),
-            &a.job_id,
-            a.generation,
-            rank,
-            &a.peers,
-            ring_config,
-            ctx.cancel.clone(),
-        ),
-    )?;
+    let mut ring = if a.data_peers.len() == a.peers.len() && a.ring_token.len() == 16 {
+        let mut token = [0u8; 16];
+        token.copy_from_slice(&a.ring_token);
+        let peers = crate::tcp_ring::DataPeers {
+            addrs: a.data_peers.clone(),
+            token,
+        };
+        Ring::Tcp(block_on(
+            ctx,
+            crate::tcp_ring::TcpRing::connect(
+                &ctx.data_hub,
+                &a.job_id,
+                a.generation,
+                rank,
+                &peers,
+                ring_config.timeout,
+                ring_config.chunk_elems,
+                ctx.cancel.clone(),
+            ),
+        )?)
+    } else {
+        Ring::Grpc(block_on(
+            ctx,
+            RingLink::connect(
+                ctx.hub.clone(),
+                &a.job_id,
+                a.generation,
+                rank,
+                &a.peers,
+                ring_config,
+                ctx.cancel.clone(),
+            ),
+        )?)
+    };
     let validation = if plan.validation_samples > 0 {
         block_on(ctx, fetch(ctx, Split::Validation, 0))?
     } else {
