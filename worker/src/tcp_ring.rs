@@ -180,7 +180,7 @@ pub struct TcpRing {
     cancel: CancellationToken,
     tx: Option<OwnedWriteHalf>,
     rx: Option<OwnedReadHalf>,
-    scratch: Vec<u8>,
+    scratch: Vec<f32>,
     op: u64,
 }
 
@@ -363,10 +363,15 @@ impl TcpRing {
                                 .await
                                 .map_err(RecvError::Io)?;
                         } else {
-                            scratch.resize(dst.len() * 4, 0);
-                            rx.read_exact(scratch).await.map_err(RecvError::Io)?;
-                            for (d, b) in dst.iter_mut().zip(scratch.chunks_exact(4)) {
-                                *d += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                            // Read into an aligned f32 scratch so the add is a plain
+                            // vectorizable loop.
+                            scratch.resize(dst.len(), 0.0);
+                            let tmp = &mut scratch[..dst.len()];
+                            rx.read_exact(bytemuck::cast_slice_mut(tmp))
+                                .await
+                                .map_err(RecvError::Io)?;
+                            for (d, s) in dst.iter_mut().zip(tmp.iter()) {
+                                *d += *s;
                             }
                         }
                     }
