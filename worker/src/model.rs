@@ -430,17 +430,21 @@ impl Mlp {
             inputs: Vec::new(),
             pre: Vec::new(),
             masks: Vec::new(),
+            kernels: Vec::new(),
             out: self.tensor(x, &[rows, self.spec.input])?,
         };
         let last = self.layout.last().map(|l| l.layer).unwrap_or(0);
         let mut dense = self.layout.iter();
         for (i, layer) in self.spec.layers.iter().enumerate() {
             let input = f.out.clone();
+            let mut kernel = None;
             let (pre, mask, out) = if layer.dense.is_some() {
                 let l = dense
                     .next()
                     .ok_or_else(|| WorkerError::Plan("layer layout mismatch".into()))?;
-                let mut z = input.matmul(&self.kernel(params, l)?)?;
+                let w = self.kernel(params, l)?;
+                let mut z = input.matmul(&w)?;
+                kernel = Some(w);
                 if let Some(b) = l.bias {
                     z =
                         z.broadcast_add(&self.tensor(&params[b..b + l.outputs], &[1, l.outputs])?)?;
@@ -465,6 +469,7 @@ impl Mlp {
             f.inputs.push(input);
             f.pre.push(pre);
             f.masks.push(mask);
+            f.kernels.push(kernel);
             f.out = out;
         }
         Ok(f)
@@ -584,7 +589,10 @@ impl Mlp {
                     write_f32(&delta.sum(0)?, &mut grad[b..b + l.outputs])?;
                 }
                 if i > 0 {
-                    delta = delta.matmul(&self.kernel(params, l)?.t()?)?;
+                    let w = f.kernels[i]
+                        .as_ref()
+                        .ok_or_else(|| WorkerError::Plan("missing kernel".into()))?;
+                    delta = delta.matmul(&w.t()?)?;
                 }
             } else if let Some(m) = &f.masks[i] {
                 delta = (&delta * m)?;
@@ -598,6 +606,9 @@ struct Forward {
     inputs: Vec<Tensor>,
     pre: Vec<Option<Tensor>>,
     masks: Vec<Option<Tensor>>,
+    /// Each dense layer's kernel tensor, kept for the backward pass (building it again
+    /// from the flat buffer would copy the weights a second time).
+    kernels: Vec<Option<Tensor>>,
     out: Tensor,
 }
 
@@ -670,7 +681,12 @@ fn host_f64(t: &Tensor) -> Result<Vec<f64>, WorkerError> {
 }
 
 fn write_f32(t: &Tensor, out: &mut [f32]) -> Result<(), WorkerError> {
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let t = if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?
+    };
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
     out.copy_from_slice(&v);
     Ok(())
 }
