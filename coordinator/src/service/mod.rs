@@ -3,48 +3,47 @@
 //! State lives behind one `std::sync::Mutex`: every section is short bookkeeping and none
 //! is held across an `.await` (file writes and data loading run on blocking threads,
 //! outside the lock). Workers are reached through their attach streams.
+//!
+//! # Layout
+//! - this file: the state, jobs (submit, cancel, the scheduler) and workers (attach,
+//!   detach);
+//! - [`reports`]: what workers send back: step/epoch reports, checkpoints, shard requests;
+//! - [`job_data`]: loading and normalizing a job's datasets;
+//! - [`outputs`]: the files a run leaves (metrics.jsonl, model.json, model.safetensors).
+
+mod job_data;
+mod outputs;
+mod reports;
+
+use job_data::load_data;
+pub use job_data::JobData;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ringtrain_proto::v1::{
-    control_message, worker_report, Assignment, CancelJob, CheckpointUpload, ControlMessage,
-    EpochSummary, JobStatus, Metrics, Registered, ShardChunk, ShardRequest, Shutdown, Split,
-    SubmitRequest, WorkerReport,
+    control_message, Assignment, CancelJob, ControlMessage, JobStatus, Metrics, Registered,
+    Shutdown, SubmitRequest,
 };
 use ringtrain_worker::plan::TrainingPlan;
-use ringtrain_worker::sharding;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 use tonic::Status;
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
-use crate::checkpoint::{tensors_bytes, CheckpointMeta, CheckpointStore, TrainingState};
+use crate::checkpoint::CheckpointStore;
 use crate::config::ServerConfig;
-use crate::dataset::{Dataset, Normalization};
-use crate::error::{CoordinatorError, SpecError};
+use crate::error::CoordinatorError;
 use crate::job_file::JobFile;
 use crate::jobs::{JobId, JobState, ReplicaCheck, WorkerId};
 
 /// Control messages buffered per worker.
 const CONTROL_CAPACITY: usize = 16;
-/// Rows per shard message.
-const SHARD_ROWS: usize = 2048;
 
 /// What the attach stream carries.
 pub type ControlStream = mpsc::Receiver<Result<ControlMessage, Status>>;
-
-/// A job's datasets, held for its lifetime.
-#[derive(Debug)]
-pub struct JobData {
-    train: Dataset,
-    validation: Dataset,
-    test: Option<Dataset>,
-    normalization: Normalization,
-}
 
 #[derive(Debug)]
 struct WorkerEntry {
@@ -525,261 +524,6 @@ impl Coordinator {
             ))),
         }
     }
-
-    /// Handles one report from a worker.
-    pub fn report(&self, r: WorkerReport) {
-        let mut st = self.lock();
-        let job = match Self::member(&mut st, &r.job_id, r.generation, r.rank, &r.worker_id) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::debug!(error = %e, "ignoring stale report");
-                return;
-            }
-        };
-        match r.kind {
-            Some(worker_report::Kind::Step(s)) => {
-                if s.step == 0 {
-                    tracing::debug!("ignoring a step report for step 0");
-                    return;
-                }
-                if let Err(d) = job.replica.record(s.step, r.rank, s.param_hash) {
-                    self.end_job(&mut st, &r.job_id, JobState::Failed, Some(d.to_string()));
-                    self.schedule(&mut st);
-                    return;
-                }
-                let verified = job.replica.verified();
-                let spe = job.plan.steps_per_epoch().max(1) as u64;
-                if r.rank == 0 {
-                    job.status.send_modify(|st| {
-                        st.step = s.step;
-                        st.epoch = ((s.step - 1) / spe) as u32;
-                        st.verified_steps = verified;
-                        let m = st.metrics.get_or_insert_with(Metrics::default);
-                        m.loss = Some(s.loss);
-                        m.accuracy = Some(s.accuracy);
-                    });
-                } else {
-                    job.status.send_if_modified(|st| {
-                        let changed = st.verified_steps != verified;
-                        st.verified_steps = verified;
-                        changed
-                    });
-                }
-            }
-            Some(worker_report::Kind::Epoch(e)) => {
-                let Some(summary) = e.summary else { return };
-                append_metrics(&job.out_dir, &summary);
-                job.status.send_modify(|st| {
-                    st.epoch = summary.epoch;
-                    let m = st.metrics.get_or_insert_with(Metrics::default);
-                    m.loss = Some(summary.loss);
-                    m.accuracy = summary.metrics.get("accuracy").copied();
-                    m.val_loss = summary.val_loss;
-                    m.val_accuracy = summary.val_accuracy;
-                    for (k, v) in &summary.metrics {
-                        if !matches!(
-                            k.as_str(),
-                            "loss" | "accuracy" | "val_loss" | "val_accuracy"
-                        ) {
-                            m.other.insert(k.clone(), *v);
-                        }
-                    }
-                    st.history.push(summary.clone());
-                    let (n, secs) = st.history.iter().fold((0.0, 0.0), |(n, t), h| {
-                        (n + h.samples_per_sec * h.seconds, t + h.seconds)
-                    });
-                    st.samples_per_sec = if secs > 0.0 { n / secs } else { 0.0 };
-                });
-            }
-            Some(worker_report::Kind::Failure(f)) => {
-                let msg = match f
-                    .lost_rank
-                    .and_then(|lr| job.members.get(lr as usize).map(|w| (lr, w)))
-                {
-                    Some((lr, w)) => format!(
-                        "worker {w} (rank {lr}) was lost in generation {}: rank {} reports: {}",
-                        job.generation, r.rank, f.message
-                    ),
-                    None => format!(
-                        "rank {} (worker {}) failed in generation {}: {}",
-                        r.rank, r.worker_id, job.generation, f.message
-                    ),
-                };
-                self.end_job(&mut st, &r.job_id, JobState::Failed, Some(msg));
-                self.schedule(&mut st);
-            }
-            Some(worker_report::Kind::Finished(f)) => {
-                if r.rank != 0 {
-                    return;
-                }
-                if job.final_checkpoint.is_none() {
-                    let msg = "rank 0 finished without uploading the final checkpoint".to_string();
-                    self.end_job(&mut st, &r.job_id, JobState::Failed, Some(msg));
-                } else {
-                    // Fewer epochs than planned means early stopping, unless a step limit
-                    // (benchmarks) cut the run short.
-                    let early = job.plan.max_steps.is_none() && f.epochs < job.file.epochs;
-                    job.status.send_modify(|st| {
-                        st.step = f.steps;
-                        st.timing = f.timing.clone();
-                        if early {
-                            st.stopped_epoch = f.epochs;
-                        }
-                        let m = st.metrics.get_or_insert_with(Metrics::default);
-                        m.test_loss = f.test_loss;
-                        m.test_accuracy = f.test_accuracy;
-                        for (k, v) in &f.test_metrics {
-                            if !matches!(k.as_str(), "test_loss" | "test_accuracy") {
-                                m.other.insert(k.clone(), *v);
-                            }
-                        }
-                    });
-                    self.end_job(&mut st, &r.job_id, JobState::Completed, None);
-                }
-                self.schedule(&mut st);
-            }
-            None => {}
-        }
-    }
-
-    /// Stores a checkpoint from rank 0; the final one also writes the run's model files.
-    pub async fn upload_checkpoint(
-        &self,
-        u: CheckpointUpload,
-    ) -> Result<PathBuf, CoordinatorError> {
-        let (store, meta, out_dir, info) = {
-            let mut st = self.lock();
-            let job = Self::member(&mut st, &u.job_id, u.generation, 0, &u.worker_id)?;
-            let meta = CheckpointMeta {
-                format: "ringtrain.checkpoint.v1".into(),
-                job_id: u.job_id.clone(),
-                generation: u.generation,
-                step: u.step,
-                epoch: u.epoch,
-                optimizer_t: u.optimizer_t,
-                optimizer_slots: u.slots.iter().map(|s| s.name.clone()).collect(),
-                spec_hash: job.spec_hash.clone(),
-                param_hash: u.param_hash,
-                final_: u.r#final,
-                model: job.file.model.clone(),
-            };
-            (
-                job.store.clone(),
-                meta,
-                job.out_dir.clone(),
-                ModelInfo {
-                    file: job.file.clone(),
-                    normalization: job.data.normalization.clone(),
-                    feature_names: job.data.train.feature_names.clone(),
-                    label_name: job.data.train.label_name.clone(),
-                },
-            )
-        };
-        let decode = |b: &[u8], what: &str| -> Result<Vec<f32>, CoordinatorError> {
-            if !b.len().is_multiple_of(4) {
-                return Err(CoordinatorError::Precondition(format!(
-                    "{what} is not a whole number of f32s"
-                )));
-            }
-            Ok(b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        };
-        let state = TrainingState {
-            params: decode(&u.params, "params")?,
-            slots: u
-                .slots
-                .iter()
-                .map(|s| decode(&s.data, &s.name))
-                .collect::<Result<_, _>>()?,
-        };
-        let final_ = u.r#final;
-        let span = info_span!("checkpoint", job = %u.job_id, step = u.step, final_);
-        let path = tokio::task::spawn_blocking(move || {
-            let _e = span.enter();
-            let path = store.write(&meta, &state)?;
-            if final_ {
-                write_model(&out_dir, &info, &meta, &state.params)?;
-            }
-            info!(path = %path.display(), "checkpoint written");
-            Ok::<_, CoordinatorError>(path)
-        })
-        .await
-        .map_err(|e| CoordinatorError::Transport(e.to_string()))??;
-        if final_ {
-            let mut st = self.lock();
-            if let Ok(job) = st.job(&u.job_id) {
-                job.final_checkpoint = Some(path.clone());
-            }
-        }
-        Ok(path)
-    }
-
-    /// The rows of one split a worker should hold, as messages.
-    pub fn shard(&self, req: &ShardRequest) -> Result<Vec<ShardChunk>, CoordinatorError> {
-        let (data, plan, world) = {
-            let mut st = self.lock();
-            let job = Self::member(
-                &mut st,
-                &req.job_id,
-                req.generation,
-                req.rank,
-                &req.worker_id,
-            )?;
-            (job.data.clone(), job.plan.clone(), job.members.len())
-        };
-        let rank = req.rank as usize;
-        let rows: Vec<u32>;
-        let split = Split::try_from(req.split)
-            .map_err(|_| CoordinatorError::Precondition(format!("unknown split {}", req.split)))?;
-        let set = match split {
-            Split::Train => {
-                rows = sharding::rank_epoch_indices(
-                    plan.seed,
-                    req.epoch,
-                    data.train.rows(),
-                    plan.batch_size,
-                    rank,
-                    world,
-                );
-                &data.train
-            }
-            Split::Validation => {
-                let (a, b) = sharding::static_range(data.validation.rows(), rank, world);
-                rows = (a as u32..b as u32).collect();
-                &data.validation
-            }
-            Split::Test => {
-                let Some(t) = data.test.as_ref() else {
-                    return Err(CoordinatorError::Precondition(
-                        "this job has no test set".into(),
-                    ));
-                };
-                let (a, b) = sharding::static_range(t.rows(), rank, world);
-                rows = (a as u32..b as u32).collect();
-                t
-            }
-        };
-        let d = set.features;
-        Ok(rows
-            .chunks(SHARD_ROWS)
-            .map(|idx| {
-                let mut x = Vec::with_capacity(idx.len() * d * 4);
-                let mut y = Vec::with_capacity(idx.len() * 4);
-                for &i in idx {
-                    let i = i as usize;
-                    x.extend_from_slice(bytemuck::cast_slice(&set.x[i * d..(i + 1) * d]));
-                    y.extend_from_slice(&set.y[i].to_le_bytes());
-                }
-                ShardChunk {
-                    rows: idx.len() as u32,
-                    features: x.into(),
-                    labels: y.into(),
-                    indices: bytemuck::cast_slice::<u32, u8>(idx).to_vec().into(),
-                }
-            })
-            .collect())
-    }
 }
 
 /// 128 bits from the OS-seeded keys of `RandomState` (std has no other entropy source;
@@ -801,148 +545,10 @@ fn random_token() -> [u8; 16] {
     out
 }
 
-/// What `model.json` says besides the architecture.
-#[derive(Debug, Clone)]
-struct ModelInfo {
-    file: JobFile,
-    normalization: Normalization,
-    feature_names: Option<Vec<String>>,
-    label_name: Option<String>,
-}
-
-/// Loads a job's datasets, checks them against the model and normalizes them with
-/// statistics of the training split.
-fn load_data(file: &JobFile, source: &str) -> Result<JobData, CoordinatorError> {
-    let spec_err = |field: &str, message: String| SpecError {
-        file: source.to_string(),
-        field: field.to_string(),
-        message,
-    };
-    let loss = file.train.loss;
-    let classes = loss.metric_classes(file.model.outputs());
-    let check = |d: &Dataset, field: &str| -> Result<(), CoordinatorError> {
-        if d.features != file.model.input {
-            return Err(spec_err(
-                "model.input",
-                format!(
-                    "{} does not match the {} features per sample of {field} (set model.input = {})",
-                    file.model.input, d.features, d.features
-                ),
-            )
-            .into());
-        }
-        if loss.is_classification() {
-            d.check_classes(classes, field)?;
-        }
-        Ok(())
-    };
-    let full = Dataset::load(&file.data.train, file.seed, 0)?;
-    check(&full, "data.train")?;
-    let (mut train, mut validation) = if file.data.validation_split > 0.0 {
-        full.split_tail(file.data.validation_split)
-    } else {
-        (full, Dataset::default())
-    };
-    if train.rows() == 0 {
-        return Err(spec_err("data.validation_split", "leaves no training samples".into()).into());
-    }
-    if let Some(src) = &file.data.validation {
-        validation = Dataset::load(src, file.seed, 2)?;
-        check(&validation, "data.validation")?;
-    }
-    let mut test = match &file.data.test {
-        Some(src) => {
-            let t = Dataset::load(src, file.seed, 1)?;
-            check(&t, "data.test")?;
-            Some(t)
-        }
-        None => None,
-    };
-    let normalization = Normalization::fit(file.data.normalize, &train);
-    let d = train.features;
-    normalization.apply(&mut train.x, d);
-    normalization.apply(&mut validation.x, d);
-    if let Some(t) = test.as_mut() {
-        normalization.apply(&mut t.x, d);
-    }
-    Ok(JobData {
-        train,
-        validation,
-        test,
-        normalization,
-    })
-}
-
-fn append_metrics(out_dir: &Path, s: &EpochSummary) {
-    let mut line = serde_json::Map::new();
-    line.insert("epoch".into(), s.epoch.into());
-    let mut keys: Vec<&String> = s.metrics.keys().collect();
-    keys.sort();
-    for k in keys {
-        line.insert(k.clone(), serde_json::json!(s.metrics[k]));
-    }
-    line.insert(
-        "samples_per_sec".into(),
-        serde_json::json!(s.samples_per_sec),
-    );
-    line.insert("seconds".into(), serde_json::json!(s.seconds));
-    let res = std::fs::create_dir_all(out_dir).and_then(|_| {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(out_dir.join("metrics.jsonl"))?;
-        writeln!(f, "{}", serde_json::Value::Object(line))
-    });
-    if let Err(e) = res {
-        warn!(dir = %out_dir.display(), error = %e, "cannot append metrics.jsonl");
-    }
-}
-
-/// Writes `model.safetensors` and `model.json` into the run directory: everything
-/// `ringtrain predict` and `evaluate` need.
-fn write_model(
-    out_dir: &Path,
-    info: &ModelInfo,
-    meta: &CheckpointMeta,
-    params: &[f32],
-) -> Result<(), CoordinatorError> {
-    let file = &info.file;
-    std::fs::create_dir_all(out_dir).map_err(CoordinatorError::io(format!(
-        "creating {}",
-        out_dir.display()
-    )))?;
-    let bytes = tensors_bytes(&file.model, &[("", params)])?;
-    let tmp = out_dir.join(".model.safetensors.tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, out_dir.join("model.safetensors")))
-        .map_err(CoordinatorError::io("writing model.safetensors"))?;
-    let saved = crate::saved_model::ModelCard {
-        format: crate::saved_model::FORMAT.into(),
-        name: file.name.clone(),
-        model: file.model.clone(),
-        loss: file.train.loss,
-        metrics: file.train.metrics.clone(),
-        classes: file.train.loss.metric_classes(file.model.outputs()),
-        normalization: info.normalization.clone(),
-        feature_names: info.feature_names.clone(),
-        label: info.label_name.clone(),
-        trained: crate::saved_model::Provenance {
-            job_id: meta.job_id.clone(),
-            steps: meta.step,
-            epochs: meta.epoch,
-            spec_hash: meta.spec_hash.clone(),
-        },
-    };
-    let text = serde_json::to_string_pretty(&saved)
-        .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
-    std::fs::write(out_dir.join("model.json"), text)
-        .map_err(CoordinatorError::io("writing model.json"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringtrain_proto::v1::StepReport;
+    use ringtrain_proto::v1::{worker_report, StepReport, WorkerReport};
 
     const JOB: &str = r#"
 name = "t"

@@ -1,0 +1,88 @@
+//! The files a run leaves behind: metrics.jsonl (appended per epoch), model.json and
+//! model.safetensors (written with the final checkpoint).
+
+use std::io::Write;
+use std::path::Path;
+
+use ringtrain_proto::v1::EpochSummary;
+use tracing::warn;
+
+use crate::checkpoint::{tensors_bytes, CheckpointMeta};
+use crate::dataset::Normalization;
+use crate::error::CoordinatorError;
+use crate::job_file::JobFile;
+
+/// What `model.json` says besides the architecture.
+#[derive(Debug, Clone)]
+pub(super) struct ModelInfo {
+    pub(super) file: JobFile,
+    pub(super) normalization: Normalization,
+    pub(super) feature_names: Option<Vec<String>>,
+    pub(super) label_name: Option<String>,
+}
+
+pub(super) fn append_metrics(out_dir: &Path, s: &EpochSummary) {
+    let mut line = serde_json::Map::new();
+    line.insert("epoch".into(), s.epoch.into());
+    let mut keys: Vec<&String> = s.metrics.keys().collect();
+    keys.sort();
+    for k in keys {
+        line.insert(k.clone(), serde_json::json!(s.metrics[k]));
+    }
+    line.insert(
+        "samples_per_sec".into(),
+        serde_json::json!(s.samples_per_sec),
+    );
+    line.insert("seconds".into(), serde_json::json!(s.seconds));
+    let res = std::fs::create_dir_all(out_dir).and_then(|_| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out_dir.join("metrics.jsonl"))?;
+        writeln!(f, "{}", serde_json::Value::Object(line))
+    });
+    if let Err(e) = res {
+        warn!(dir = %out_dir.display(), error = %e, "cannot append metrics.jsonl");
+    }
+}
+
+/// Writes `model.safetensors` and `model.json` into the run directory: everything
+/// `ringtrain predict` and `evaluate` need.
+pub(super) fn write_model(
+    out_dir: &Path,
+    info: &ModelInfo,
+    meta: &CheckpointMeta,
+    params: &[f32],
+) -> Result<(), CoordinatorError> {
+    let file = &info.file;
+    std::fs::create_dir_all(out_dir).map_err(CoordinatorError::io(format!(
+        "creating {}",
+        out_dir.display()
+    )))?;
+    let bytes = tensors_bytes(&file.model, &[("", params)])?;
+    let tmp = out_dir.join(".model.safetensors.tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, out_dir.join("model.safetensors")))
+        .map_err(CoordinatorError::io("writing model.safetensors"))?;
+    let saved = crate::saved_model::ModelCard {
+        format: crate::saved_model::FORMAT.into(),
+        name: file.name.clone(),
+        model: file.model.clone(),
+        loss: file.train.loss,
+        metrics: file.train.metrics.clone(),
+        classes: file.train.loss.metric_classes(file.model.outputs()),
+        normalization: info.normalization.clone(),
+        feature_names: info.feature_names.clone(),
+        label: info.label_name.clone(),
+        trained: crate::saved_model::Provenance {
+            job_id: meta.job_id.clone(),
+            steps: meta.step,
+            epochs: meta.epoch,
+            spec_hash: meta.spec_hash.clone(),
+        },
+    };
+    let text = serde_json::to_string_pretty(&saved)
+        .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
+    std::fs::write(out_dir.join("model.json"), text)
+        .map_err(CoordinatorError::io("writing model.json"))
+}
