@@ -129,8 +129,9 @@ pub fn tensors_bytes(
         .map_err(|e| CoordinatorError::Serialize(e.to_string()))
 }
 
-/// Reads named tensors back into a flat buffer in the model's layout.
-fn read_group(
+/// Reads named tensors (`<prefix>.dense_<i>.kernel`, ... or unprefixed) back into a flat
+/// buffer in the model's layout; the error names the tensor.
+pub(crate) fn read_group(
     st: &safetensors::SafeTensors<'_>,
     model: &ModelSpec,
     prefix: &str,
@@ -152,11 +153,11 @@ fn read_group(
                 t.shape()
             ));
         }
-        for (d, b) in out[offset..offset + shape.iter().product::<usize>()]
+        for (d, v) in out[offset..offset + shape.iter().product::<usize>()]
             .iter_mut()
-            .zip(t.data().chunks_exact(4))
+            .zip(ringtrain_worker::wire::f32s_le(t.data()))
         {
-            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            *d = v;
         }
     }
     Ok(out)

@@ -103,25 +103,11 @@ impl SavedModel {
             .map_err(|e| bad(format!("model.safetensors: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(format!("model.safetensors: {e}")))?;
-        let mut params = vec![0f32; card.model.num_params()];
-        for (name, shape, offset) in card.model.tensor_names() {
-            let t = st
-                .tensor(&name)
-                .map_err(|e| bad(format!("model.safetensors: {name}: {e}")))?;
-            if t.shape() != shape.as_slice() || t.dtype() != safetensors::Dtype::F32 {
-                return Err(bad(format!(
-                    "model.safetensors: {name} is {:?} {:?}, model.json says F32 {shape:?}",
-                    t.dtype(),
-                    t.shape()
-                )));
-            }
-            for (d, b) in params[offset..offset + shape.iter().product::<usize>()]
-                .iter_mut()
-                .zip(t.data().chunks_exact(4))
-            {
-                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
+        let params = crate::checkpoint::read_group(&st, &card.model, "").map_err(|m| {
+            bad(format!(
+                "model.safetensors: {m} (model.json describes another model)"
+            ))
+        })?;
         let mlp = Mlp::new(card.model.clone(), card.loss);
         Ok(SavedModel { card, params, mlp })
     }

@@ -400,10 +400,7 @@ impl RingLink {
                                 got: c.data.len(),
                             });
                         }
-                        let src = c
-                            .data
-                            .chunks_exact(4)
-                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                        let src = crate::wire::f32s_le(&c.data);
                         if phase == Phase::ReduceScatter {
                             dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
                         } else {

@@ -12,6 +12,7 @@
 //! - [`agent`]: the worker process: attach to the coordinator, run assignments.
 //! - [`bench`]: one rank of the all-reduce benchmark.
 //! - [`privacy`]: the differential-privacy accountant.
+//! - [`wire`]: little-endian decoding shared by every hop.
 //! - [`grpc`]: the `Collective` service adapter; [`error`]: [`WorkerError`].
 
 pub mod agent;
@@ -30,6 +31,7 @@ pub mod rng;
 pub mod sharding;
 pub mod tcp_ring;
 pub mod trainer;
+pub mod wire;
 
 pub use error::WorkerError;
 

@@ -170,24 +170,9 @@ fn fetch(
                     chunk.indices.len()
                 )));
             }
-            shard.x.extend(
-                chunk
-                    .features
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-            shard.y.extend(
-                chunk
-                    .labels
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-            shard.idx.extend(
-                chunk
-                    .indices
-                    .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+            shard.x.extend(crate::wire::f32s_le(&chunk.features));
+            shard.y.extend(crate::wire::f32s_le(&chunk.labels));
+            shard.idx.extend(crate::wire::u32s_le(&chunk.indices));
             shard.rows += rows;
         }
         Ok(shard)

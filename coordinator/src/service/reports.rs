@@ -173,9 +173,7 @@ impl Coordinator {
                     "{what} is not a whole number of f32s"
                 )));
             }
-            Ok(b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
+            Ok(ringtrain_worker::wire::f32s_le(b).collect())
         };
         let state = TrainingState {
             params: decode(&u.params, "params")?,
