@@ -293,8 +293,29 @@ fn shutdown_token() -> CancellationToken {
     token
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // A worker runs its own compute threads (one row block of a batch each, see
+    // `Mlp::forward_backward`). candle's elementwise ops would otherwise start a spinning
+    // barrier pool of their own on the same cores, which halved the 2-thread speed of the
+    // large MLP. Setting the variable here, before any thread exists, is the one moment
+    // it cannot race with a reader; a value the user set wins.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main())
+}
+
+async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli).await {

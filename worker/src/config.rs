@@ -15,3 +15,17 @@ pub struct WorkerConfig {
     /// (`None`: keep trying).
     pub reconnect_limit: Option<Duration>,
 }
+
+/// Compute threads of one worker: `RAYON_NUM_THREADS` when set (the variable candle and
+/// rayon read, which `ringtrain local` sets to cores ÷ workers), else every core.
+pub fn compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}

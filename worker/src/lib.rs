@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`model`]: dense layers, parameter layout, forward/backward on candle-core.
+//! - [`matmul`]: the single-threaded GEMM the dense layers use (the crate's only
+//!   `unsafe`).
 //! - [`loss`]: the loss heads (sparse categorical cross-entropy on logits).
 //! - [`optimizer`]: Adam on flat buffers.
 //! - [`sharding`]: how epochs split into global batches and batches across ranks.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod loss;
+pub mod matmul;
 pub mod model;
 pub mod optimizer;
 pub mod plan;

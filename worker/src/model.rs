@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::WorkerError;
 use crate::loss::{self, HeadGrad, LossKind, MetricSums};
+use crate::matmul::{gemm_into, matmul, with_view, MatRef};
 use crate::rng::{derive_seed, Rng};
 
 /// Negative slope of `leaky_relu` (Keras 3 `activations.leaky_relu` default).
@@ -153,6 +154,13 @@ pub struct LayerLayout {
     pub kernel: usize,
     /// Offset of the `[outputs]` bias, if any.
     pub bias: Option<usize>,
+}
+
+impl LayerLayout {
+    /// One past the kernel's last parameter.
+    pub fn kernel_end(&self) -> usize {
+        self.kernel + self.inputs * self.outputs
+    }
 }
 
 impl ModelSpec {
@@ -335,6 +343,7 @@ pub struct Mlp {
     target_center: f64,
     device: Device,
     dtype: DType,
+    threads: usize,
 }
 
 impl Mlp {
@@ -353,6 +362,7 @@ impl Mlp {
             target_center: 0.0,
             device: Device::Cpu,
             dtype,
+            threads: 1,
         }
     }
 
@@ -360,6 +370,13 @@ impl Mlp {
     /// (the training-target mean keeps R² accurate through the f32 all-reduce).
     pub fn with_target_center(mut self, center: f64) -> Self {
         self.target_center = center;
+        self
+    }
+
+    /// Sets how many threads each dense-layer product may use. Results do not depend on
+    /// it (see [`crate::matmul`]).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
         self
     }
 
@@ -442,13 +459,32 @@ impl Mlp {
                 let l = dense
                     .next()
                     .ok_or_else(|| WorkerError::Plan("layer layout mismatch".into()))?;
-                let w = self.kernel(params, l)?;
-                let mut z = input.matmul(&w)?;
-                kernel = Some(w);
-                if let Some(b) = l.bias {
-                    z =
-                        z.broadcast_add(&self.tensor(&params[b..b + l.outputs], &[1, l.outputs])?)?;
-                }
+                let z = if self.dtype == DType::F32 {
+                    // The kernel is read where it lies in `params` (no tensor copy), and
+                    // the bias is the GEMM's starting value.
+                    let w =
+                        MatRef::row_major(&params[l.kernel..l.kernel_end()], l.inputs, l.outputs)?;
+                    let mut z = vec![0f32; rows * l.outputs];
+                    if let Some(b) = l.bias {
+                        for row in z.chunks_mut(l.outputs) {
+                            row.copy_from_slice(&params[b..b + l.outputs]);
+                        }
+                    }
+                    with_view::<f32, _>(&input, |x| {
+                        gemm_into(&mut z, x, w, l.bias.is_some(), self.threads)
+                    })?;
+                    Tensor::from_vec(z, (rows, l.outputs), &self.device)?
+                } else {
+                    let w = self.kernel(params, l)?;
+                    let mut z = matmul(&input, &w, self.threads)?;
+                    kernel = Some(w);
+                    if let Some(b) = l.bias {
+                        z = z.broadcast_add(
+                            &self.tensor(&params[b..b + l.outputs], &[1, l.outputs])?,
+                        )?;
+                    }
+                    z
+                };
                 let a = if i == last && self.loss.fused() {
                     z.clone()
                 } else {
@@ -583,16 +619,38 @@ impl Mlp {
                     };
                     delta = activation_backward(layer.activation, z, &a, &delta)?;
                 }
-                let dw = f.inputs[i].t()?.matmul(&delta)?;
-                write_f32(&dw, &mut grad[l.kernel..l.kernel + l.inputs * l.outputs])?;
                 if let Some(b) = l.bias {
                     write_f32(&delta.sum(0)?, &mut grad[b..b + l.outputs])?;
                 }
-                if i > 0 {
-                    let w = f.kernels[i]
-                        .as_ref()
-                        .ok_or_else(|| WorkerError::Plan("missing kernel".into()))?;
-                    delta = delta.matmul(&w.t()?)?;
+                if self.dtype == DType::F32 {
+                    // dW = Xᵀ·δ straight into the gradient buffer; δ·Wᵀ reads the kernel
+                    // from `params`.
+                    let threads = self.threads;
+                    let dw = &mut grad[l.kernel..l.kernel_end()];
+                    with_view::<f32, _>(&f.inputs[i], |x| {
+                        with_view::<f32, _>(&delta, |d| gemm_into(dw, x.t(), d, false, threads))
+                    })?;
+                    if i > 0 {
+                        let w = MatRef::row_major(
+                            &params[l.kernel..l.kernel_end()],
+                            l.inputs,
+                            l.outputs,
+                        )?;
+                        let mut dx = vec![0f32; rows * l.inputs];
+                        with_view::<f32, _>(&delta, |d| {
+                            gemm_into(&mut dx, d, w.t(), false, threads)
+                        })?;
+                        delta = Tensor::from_vec(dx, (rows, l.inputs), &self.device)?;
+                    }
+                } else {
+                    let dw = matmul(&f.inputs[i].t()?, &delta, self.threads)?;
+                    write_f32(&dw, &mut grad[l.kernel..l.kernel_end()])?;
+                    if i > 0 {
+                        let w = f.kernels[i]
+                            .as_ref()
+                            .ok_or_else(|| WorkerError::Plan("missing kernel".into()))?;
+                        delta = matmul(&delta, &w.t()?, self.threads)?;
+                    }
                 }
             } else if let Some(m) = &f.masks[i] {
                 delta = (&delta * m)?;
@@ -606,8 +664,8 @@ struct Forward {
     inputs: Vec<Tensor>,
     pre: Vec<Option<Tensor>>,
     masks: Vec<Option<Tensor>>,
-    /// Each dense layer's kernel tensor, kept for the backward pass (building it again
-    /// from the flat buffer would copy the weights a second time).
+    /// Each dense layer's kernel tensor in f64 mode, kept for the backward pass (the f32
+    /// path reads kernels from the parameter buffer instead).
     kernels: Vec<Option<Tensor>>,
     out: Tensor,
 }
@@ -805,6 +863,62 @@ mod tests {
             .unwrap();
         assert_eq!(g1, g2);
         assert_ne!(g1, g3);
+    }
+
+    /// The f32 path (kernels read in place from `params`, bias folded into the GEMM, dW
+    /// written straight into `grad`, products split across threads) against the f64
+    /// tensor path, whose gradients the finite-difference checks above pin. Shapes are
+    /// large enough that every product is split; the thread count must not change a bit.
+    #[test]
+    fn f32_path_matches_f64_and_ignores_the_thread_count() {
+        let mut s = ModelSpec {
+            input: 70,
+            layers: vec![
+                LayerSpec::dense(96, Activation::Relu),
+                LayerSpec::dropout(0.25),
+                LayerSpec::dense(65, Activation::Tanh),
+                LayerSpec::dense(7, Activation::Softmax),
+            ],
+        };
+        s.layers[2].use_bias = false;
+        let loss = LossKind::SparseCategoricalCrossentropy;
+        let mut params = s.init_params(4);
+        let mut r = Rng::new(8);
+        for p in params.iter_mut() {
+            *p += 0.05 * r.normal() as f32;
+        }
+        let rows = 150;
+        let (x, y) = batch(rows, s.input, 12, loss);
+        let samples: Vec<u32> = (0..rows as u32).map(|i| 3 * i + 1).collect();
+        let key = DropoutKey {
+            seed: 9,
+            step: 2,
+            samples: &samples,
+        };
+        let mut want = vec![0f32; s.num_params()];
+        let sums64 = Mlp::with_dtype(s.clone(), loss, DType::F64)
+            .forward_backward(&params, &x, &y, rows, &mut want, Some(&key))
+            .unwrap();
+        let mut first: Option<Vec<f32>> = None;
+        for threads in [1, 2, 3] {
+            let mlp = Mlp::new(s.clone(), loss).with_threads(threads);
+            let mut got = vec![0f32; s.num_params()];
+            let sums = mlp
+                .forward_backward(&params, &x, &y, rows, &mut got, Some(&key))
+                .unwrap();
+            assert!((sums.loss_sum - sums64.loss_sum).abs() < 1e-4 * sums64.loss_sum.abs());
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-4 * scale, "param {i}: {g} vs {w}");
+            }
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert!(
+                    f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{threads} threads changed the gradient bytes"
+                ),
+            }
+        }
     }
 
     #[test]

@@ -363,7 +363,10 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
     } else {
         Shard::default()
     };
-    let mlp = Mlp::new(plan.model.clone(), plan.loss).with_target_center(plan.target_center);
+    let threads = crate::config::compute_threads();
+    let mlp = Mlp::new(plan.model.clone(), plan.loss)
+        .with_target_center(plan.target_center)
+        .with_threads(threads);
     let p = mlp.num_params();
     let classes = mlp.metric_classes();
     let has_l2 = plan.model.layers.iter().any(|l| l.l2 > 0.0);
@@ -455,7 +458,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 clip_by_global_norm(grad, c);
             }
             let lr = plan.schedule.rate(base_lr, step - 1, plan.warmup_steps);
-            opt.step(&mut params, grad, lr);
+            opt.step_threads(&mut params, grad, lr, threads);
             timing.optimizer += t_opt.elapsed().as_secs_f64();
             penalty_sum += penalty * m;
             reports.send(worker_report::Kind::Step(StepReport {
