@@ -58,11 +58,19 @@ pub fn allreduce(
     sizes: &[usize],
     iters: usize,
     data_plane: ringtrain_coordinator::DataPlane,
+    tcp_only: bool,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let plane = match data_plane {
         ringtrain_coordinator::DataPlane::Tcp => "tcp",
         ringtrain_coordinator::DataPlane::Grpc => "grpc",
+    };
+    let label = match (data_plane, tcp_only) {
+        (ringtrain_coordinator::DataPlane::Tcp, false) => {
+            "socket data plane, unix sockets on one host"
+        }
+        (ringtrain_coordinator::DataPlane::Tcp, true) => "socket data plane, tcp only",
+        (ringtrain_coordinator::DataPlane::Grpc, _) => "grpc streams",
     };
     if workers < 2 {
         bail!("--workers must be at least 2 (an all-reduce over one rank moves nothing)");
@@ -75,6 +83,7 @@ pub fn allreduce(
         .join(",");
     let mut children = Vec::new();
     let mut addrs = Vec::new();
+    let mut locals = Vec::new();
     for rank in 0..workers {
         let mut child = Command::new(&exe)
             .args([
@@ -88,6 +97,7 @@ pub fn allreduce(
                 "--iters",
                 &iters.to_string(),
             ])
+            .args(tcp_only.then_some("--tcp-only"))
             .env("RAYON_NUM_THREADS", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -96,18 +106,22 @@ pub fn allreduce(
         let mut out = BufReader::new(child.stdout.take().context("rank stdout")?);
         let mut line = String::new();
         out.read_line(&mut line)?;
-        let addr = line
+        // "listening on ADDR local=NAME" (NAME empty: no same-host socket)
+        let (addr, local) = line
             .trim()
             .strip_prefix("listening on ")
-            .with_context(|| format!("rank {rank} said {line:?}"))?
-            .to_string();
-        addrs.push(addr);
+            .and_then(|rest| rest.split_once(" local="))
+            .with_context(|| format!("rank {rank} said {line:?}"))?;
+        addrs.push(addr.to_string());
+        locals.push(local.to_string());
         children.push((child, out));
     }
     let peers = addrs.join(",");
+    let locals = locals.join(",");
     for (child, _) in &mut children {
         let mut stdin = child.stdin.take().context("rank stdin")?;
         writeln!(stdin, "{peers}")?;
+        writeln!(stdin, "{locals}")?;
     }
     // per rank: per size: times
     let mut all: Vec<Vec<Vec<f64>>> = Vec::new();
@@ -143,7 +157,7 @@ pub fn allreduce(
         );
     } else {
         println!(
-            "all-reduce ({plane}), {workers} processes on loopback, median of {iters} iterations"
+            "all-reduce ({label}), {workers} processes on one host, median of {iters} iterations"
         );
         println!(
             "{:>14} {:>12} {:>12} {:>12}",
@@ -168,19 +182,28 @@ pub async fn peer(
     sizes: &[usize],
     iters: usize,
     data_plane: ringtrain_coordinator::DataPlane,
+    tcp_only: bool,
 ) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
-    let (hubs, addr) = ringtrain_worker::bench::listen(
+    let (hubs, addr, local) = ringtrain_worker::bench::listen(
         data_plane == ringtrain_coordinator::DataPlane::Tcp,
+        !tcp_only,
         stop.clone(),
     )
     .await?;
-    println!("listening on {addr}");
+    println!("listening on {addr} local={local}");
     std::io::stdout().flush()?;
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     let peers: Vec<String> = line.trim().split(',').map(String::from).collect();
-    let times = ringtrain_worker::bench::run(hubs, rank, &peers, sizes, iters).await?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let locals: Vec<String> = line
+        .trim_end_matches('\n')
+        .split(',')
+        .map(String::from)
+        .collect();
+    let times = ringtrain_worker::bench::run(hubs, rank, &peers, &locals, sizes, iters).await?;
     println!("{}", serde_json::to_string(&times)?);
     stop.cancel();
     Ok(())

@@ -85,6 +85,10 @@ enum Command {
         /// Exit after failing to reach the coordinator for this long (default: retry forever).
         #[arg(long)]
         reconnect_timeout_secs: Option<u64>,
+        /// Keep ring data on TCP even to workers on this host (by default they use a
+        /// Unix socket, which is several times faster than loopback TCP).
+        #[arg(long)]
+        tcp_only: bool,
     },
     /// Submit a job file to the coordinator.
     Submit {
@@ -174,6 +178,8 @@ enum Command {
         bytes: String,
         #[arg(long)]
         iters: usize,
+        #[arg(long)]
+        tcp_only: bool,
     },
     /// Differential-privacy accounting for DP-SGD (Poisson-subsampled Gaussian).
     Privacy {
@@ -195,9 +201,14 @@ enum BenchCommand {
         /// Timed iterations per size (after one warm-up).
         #[arg(long, default_value_t = 10)]
         iters: usize,
-        /// Ring transport: tcp or grpc.
+        /// Ring transport: tcp (plain sockets; Unix sockets between ranks on one host)
+        /// or grpc.
         #[arg(long, default_value = "tcp")]
         data_plane: DataPlane,
+        /// With the tcp data plane, keep every link on TCP (no same-host Unix sockets):
+        /// the figure to compare with a TCP-only peer.
+        #[arg(long)]
+        tcp_only: bool,
     },
     /// Samples/s of the real training path (data, compute, all-reduce, optimizer) on N
     /// local worker processes, excluding start-up.
@@ -389,6 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             advertise,
             name,
             reconnect_timeout_secs,
+            tcp_only,
         } => {
             init_tracing("info");
             let listener = tokio::net::TcpListener::bind(&listen)
@@ -401,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 advertise,
                 name,
                 reconnect_limit: reconnect_timeout_secs.map(Duration::from_secs),
+                local_socket: !tcp_only,
             };
             ringtrain_worker::agent::run(config, listener, shutdown_token()).await?;
             Ok(ExitCode::SUCCESS)
@@ -499,9 +512,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     bytes,
                     iters,
                     data_plane,
+                    tcp_only,
                 } => {
                     let sizes = bench::parse_sizes(&bytes)?;
-                    bench::allreduce(workers, &sizes, iters.max(1), data_plane, json)?;
+                    bench::allreduce(workers, &sizes, iters.max(1), data_plane, tcp_only, json)?;
                 }
                 BenchCommand::Train {
                     workers,
@@ -538,13 +552,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_plane,
             bytes,
             iters,
+            tcp_only,
         } => {
             init_tracing("warn");
             let sizes: Vec<usize> = bytes
                 .split(',')
                 .map(|s| s.parse())
                 .collect::<Result<_, _>>()?;
-            bench::peer(rank, &sizes, iters, data_plane).await?;
+            bench::peer(rank, &sizes, iters, data_plane, tcp_only).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Privacy { command } => {

@@ -117,7 +117,9 @@ impl WorkerControl for CoordinatorApi {
         if r.collective_addr.is_empty() {
             return Err(Status::invalid_argument("attach: collective_addr is empty"));
         }
-        let rx = self.core.attach(r.collective_addr, r.name, r.data_addr);
+        let rx = self
+            .core
+            .attach(r.collective_addr, r.name, r.data_addr, r.data_local);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

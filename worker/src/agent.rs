@@ -86,6 +86,7 @@ pub async fn run(
         data_hub.clone(),
         server_stop.clone(),
     ));
+    let (local_task, data_local) = bind_local_socket(&config, data_port, &data_hub, &server_stop);
     info!(collective = %advertise, data = %data_advertise, coordinator = %config.coordinator, "worker started");
 
     let mut running: Option<RunningJob> = None;
@@ -121,6 +122,7 @@ pub async fn run(
                 collective_addr: advertise.clone(),
                 name: config.name.clone(),
                 data_addr: data_advertise.clone(),
+                data_local: data_local.clone(),
             })
             .await
         {
@@ -187,6 +189,9 @@ pub async fn run(
     server_stop.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, data_task).await;
+    if let Some(task) = local_task {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    }
     Ok(())
 }
 
@@ -265,4 +270,31 @@ async fn stop_job(running: &mut Option<RunningJob>) {
             let _ = r.task.await;
         }
     }
+}
+
+/// Binds the same-host data socket when enabled (Linux); returns its accept task and the
+/// name to advertise (empty when there is none: ranks then dial TCP).
+fn bind_local_socket(
+    config: &WorkerConfig,
+    data_port: u16,
+    hub: &Arc<crate::tcp_ring::DataHub>,
+    stop: &CancellationToken,
+) -> (Option<tokio::task::JoinHandle<()>>, String) {
+    if !config.local_socket {
+        return (None, String::new());
+    }
+    #[cfg(target_os = "linux")]
+    match crate::tcp_ring::bind_local(&data_port.to_string()) {
+        Ok((listener, name)) => {
+            let task = tokio::spawn(crate::tcp_ring::accept_local_loop(
+                listener,
+                hub.clone(),
+                stop.clone(),
+            ));
+            return (Some(task), name);
+        }
+        Err(e) => warn!(error = %e, "no same-host data socket; ring data stays on TCP"),
+    }
+    let _ = (data_port, hub, stop);
+    (None, String::new())
 }

@@ -1,5 +1,6 @@
 //! One rank of `ringtrain bench allreduce`: the production ring over either data plane
-//! (gRPC `Collective` streams or the plain-TCP data plane), timed over buffer sizes.
+//! (gRPC `Collective` streams or the plain-socket data plane, which uses same-host Unix
+//! sockets unless told to stay on TCP), timed over buffer sizes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,15 +21,21 @@ use crate::tcp_ring::{accept_loop, DataHub, DataPeers, TcpRing};
 pub enum Hubs {
     /// gRPC streams arrive here.
     Grpc(Arc<CollectiveHub>),
-    /// TCP data connections arrive here.
+    /// Data-plane connections (TCP and, when offered, the same-host socket) arrive here.
     Tcp(Arc<DataHub>),
 }
 
 /// The token the benchmark's ranks share (they are one trusted process tree).
 const BENCH_TOKEN: [u8; 16] = *b"ringtrain-bench!";
 
-/// Binds 127.0.0.1:0 and serves the chosen data plane on it; returns its address.
-pub async fn listen(tcp: bool, stop: CancellationToken) -> Result<(Hubs, String), WorkerError> {
+/// Binds 127.0.0.1:0 and serves the chosen data plane on it; with `tcp` and `local`, also
+/// a same-host Unix socket. Returns the hubs, the address and the local socket name
+/// (empty: none).
+pub async fn listen(
+    tcp: bool,
+    local: bool,
+    stop: CancellationToken,
+) -> Result<(Hubs, String, String), WorkerError> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| WorkerError::Connect {
@@ -41,8 +48,24 @@ pub async fn listen(tcp: bool, stop: CancellationToken) -> Result<(Hubs, String)
         .unwrap_or_default();
     if tcp {
         let hub = Arc::new(DataHub::default());
+        let mut name = String::new();
+        #[cfg(target_os = "linux")]
+        if local {
+            let (unix, n) = crate::tcp_ring::bind_local(&format!("bench-{}", std::process::id()))
+                .map_err(|e| WorkerError::Connect {
+                addr: "a same-host data socket".into(),
+                detail: e.to_string(),
+            })?;
+            tokio::spawn(crate::tcp_ring::accept_local_loop(
+                unix,
+                hub.clone(),
+                stop.clone(),
+            ));
+            name = n;
+        }
+        let _ = local;
         tokio::spawn(accept_loop(listener, hub.clone(), stop));
-        return Ok((Hubs::Tcp(hub), addr));
+        return Ok((Hubs::Tcp(hub), addr, name));
     }
     let hub = Arc::new(CollectiveHub::default());
     let svc = CollectiveServer::new(CollectiveService::new(hub.clone()))
@@ -57,7 +80,7 @@ pub async fn listen(tcp: bool, stop: CancellationToken) -> Result<(Hubs, String)
             .add_service(svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned()),
     );
-    Ok((Hubs::Grpc(hub), addr))
+    Ok((Hubs::Grpc(hub), addr, String::new()))
 }
 
 /// Times `iters` all-reduces of each size (in bytes, rounded down to whole f32s) after
@@ -67,6 +90,7 @@ pub async fn run(
     hubs: Hubs,
     rank: usize,
     peers: &[String],
+    locals: &[String],
     sizes: &[usize],
     iters: usize,
 ) -> Result<Vec<Vec<f64>>, WorkerError> {
@@ -83,6 +107,7 @@ pub async fn run(
             let data = DataPeers {
                 addrs: peers.to_vec(),
                 token: BENCH_TOKEN,
+                locals: locals.to_vec(),
             };
             Ring::Tcp(
                 TcpRing::connect(

@@ -14,6 +14,8 @@ pub struct WorkerConfig {
     /// Give up reconnecting to the coordinator after this long without success
     /// (`None`: keep trying).
     pub reconnect_limit: Option<Duration>,
+    /// Offer a same-host Unix socket for ring data (Linux); off keeps every link on TCP.
+    pub local_socket: bool,
 }
 
 /// Compute threads of one worker: `RAYON_NUM_THREADS` when set (the variable candle and

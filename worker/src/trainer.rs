@@ -330,8 +330,9 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         let peers = crate::tcp_ring::DataPeers {
             addrs: a.data_peers.clone(),
             token,
+            locals: a.data_locals.clone(),
         };
-        Ring::Tcp(block_on(
+        let link = block_on(
             ctx,
             crate::tcp_ring::TcpRing::connect(
                 &ctx.data_hub,
@@ -343,7 +344,14 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 ring_config.chunk_elems,
                 ctx.cancel.clone(),
             ),
-        )?)
+        )?;
+        info!(
+            rank,
+            generation = a.generation,
+            same_host_socket = link.is_local(),
+            "ring data link to the right neighbour is up"
+        );
+        Ring::Tcp(link)
     } else {
         Ring::Grpc(block_on(
             ctx,

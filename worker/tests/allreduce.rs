@@ -12,7 +12,9 @@ use ringtrain_proto::v1::collective_server::CollectiveServer;
 use ringtrain_worker::collective::{CollectiveHub, Ring, RingConfig, RingLink};
 use ringtrain_worker::grpc::CollectiveService;
 use ringtrain_worker::rng::Rng;
-use ringtrain_worker::tcp_ring::{accept_loop, DataHub, DataPeers, TcpRing};
+use ringtrain_worker::tcp_ring::{
+    accept_local_loop, accept_loop, bind_local, DataHub, DataPeers, TcpRing,
+};
 use ringtrain_worker::WorkerError;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -23,6 +25,8 @@ struct Node {
     addr: String,
     data_hub: Arc<DataHub>,
     data_addr: String,
+    /// The node's same-host socket name.
+    data_local: String,
 }
 
 const TOKEN: [u8; 16] = [7; 16];
@@ -30,8 +34,13 @@ const TOKEN: [u8; 16] = [7; 16];
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Plane {
     Grpc,
+    /// The socket data plane forced onto TCP.
     Tcp,
+    /// The socket data plane between ranks on one host: Unix sockets.
+    Unix,
 }
+
+const PLANES: [Plane; 3] = [Plane::Grpc, Plane::Tcp, Plane::Unix];
 
 async fn connect(
     nodes: &[Node],
@@ -58,24 +67,33 @@ async fn connect(
                 .await?,
             ))
         }
-        Plane::Tcp => {
+        Plane::Tcp | Plane::Unix => {
             let data = DataPeers {
                 addrs: nodes[..world].iter().map(|n| n.data_addr.clone()).collect(),
                 token: TOKEN,
+                locals: if plane == Plane::Unix {
+                    nodes[..world]
+                        .iter()
+                        .map(|n| n.data_local.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                },
             };
-            Ok(Ring::Tcp(
-                TcpRing::connect(
-                    &nodes[rank].data_hub,
-                    "job-test",
-                    generation,
-                    rank,
-                    &data,
-                    config.timeout,
-                    config.chunk_elems,
-                    cancel,
-                )
-                .await?,
-            ))
+            let ring = TcpRing::connect(
+                &nodes[rank].data_hub,
+                "job-test",
+                generation,
+                rank,
+                &data,
+                config.timeout,
+                config.chunk_elems,
+                cancel,
+            )
+            .await?;
+            // The link really is the transport under test.
+            assert_eq!(ring.is_local(), plane == Plane::Unix && world > 1);
+            Ok(Ring::Tcp(ring))
         }
     }
 }
@@ -101,11 +119,18 @@ async fn start_nodes(n: usize) -> Vec<Node> {
             data_hub.clone(),
             CancellationToken::new(),
         ));
+        let (local, data_local) = bind_local(&format!("test-{}", nodes.len())).unwrap();
+        tokio::spawn(accept_local_loop(
+            local,
+            data_hub.clone(),
+            CancellationToken::new(),
+        ));
         nodes.push(Node {
             hub,
             addr,
             data_hub,
             data_addr,
+            data_local,
         });
     }
     nodes
@@ -157,7 +182,7 @@ async fn all_reduce_equals_naive_sum_for_worlds_1_to_5() {
         // Small sub-chunks so the long vector also exercises many chunks per segment.
         chunk_elems: 64 * 1024,
     };
-    for plane in [Plane::Grpc, Plane::Tcp] {
+    for plane in PLANES {
         for world in 1..=5usize {
             for len in [1usize, 2, 3, 7, 1000, 1_000_003] {
                 generation += 1;
@@ -201,7 +226,7 @@ async fn replicas_get_identical_bytes_for_arbitrary_floats() {
     let naive: Vec<f64> = (0..len)
         .map(|i| inputs.iter().map(|b| b[i] as f64).sum())
         .collect();
-    for (generation, plane) in [(1, Plane::Grpc), (2, Plane::Tcp)] {
+    for (generation, plane) in [(1, Plane::Grpc), (2, Plane::Tcp), (3, Plane::Unix)] {
         let results = ring_all_reduce(
             &nodes,
             plane,
@@ -232,7 +257,7 @@ async fn a_step_mismatch_is_an_error_not_a_silent_mix() {
         timeout: Duration::from_secs(5),
         ..RingConfig::default()
     };
-    for (generation, plane) in [(1, Plane::Grpc), (2, Plane::Tcp)] {
+    for (generation, plane) in [(1, Plane::Grpc), (2, Plane::Tcp), (3, Plane::Unix)] {
         let inputs = vec![vec![1.0; 10], vec![2.0; 10]];
         let results = ring_all_reduce(&nodes, plane, generation, inputs, vec![1, 2], config).await;
         let mismatches = results
@@ -245,52 +270,66 @@ async fn a_step_mismatch_is_an_error_not_a_silent_mix() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vanished_tcp_peer_is_an_error_and_a_stranger_is_refused() {
+async fn a_vanished_socket_peer_is_an_error_and_a_stranger_is_refused() {
     let nodes = Arc::new(start_nodes(2).await);
     let config = RingConfig {
         timeout: Duration::from_millis(800),
         ..RingConfig::default()
     };
-    // Rank 1 connects, then leaves without ever joining the all-reduce.
-    let n = nodes.clone();
-    let leaver = tokio::spawn(async move { drop(connect(&n, Plane::Tcp, 9, 1, 2, config).await) });
-    let mut ring0 = connect(&nodes, Plane::Tcp, 9, 0, 2, config).await.unwrap();
-    leaver.await.unwrap();
-    let started = std::time::Instant::now();
-    let mut buf = vec![1.0f32; 1000];
-    let err = ring0.all_reduce(&mut buf, 1).await.unwrap_err();
-    assert!(
-        matches!(err, WorkerError::PeerLost { generation: 9, .. }),
-        "{err}"
-    );
-    assert!(started.elapsed() < Duration::from_secs(5));
+    for (generation, plane) in [(9, Plane::Tcp), (19, Plane::Unix)] {
+        // Rank 1 connects, then leaves without ever joining the all-reduce.
+        let n = nodes.clone();
+        let leaver =
+            tokio::spawn(async move { drop(connect(&n, plane, generation, 1, 2, config).await) });
+        let mut ring0 = connect(&nodes, plane, generation, 0, 2, config)
+            .await
+            .unwrap();
+        leaver.await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = vec![1.0f32; 1000];
+        let err = ring0.all_reduce(&mut buf, 1).await.unwrap_err();
+        assert!(
+            matches!(err, WorkerError::PeerLost { generation: g, .. } if g == generation),
+            "{plane:?}: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
 
-    // A connection that does not know the generation's token is refused by rank 0.
-    let stranger = DataPeers {
-        addrs: vec![nodes[0].data_addr.clone(), nodes[1].data_addr.clone()],
-        token: [0; 16],
-    };
-    let n = nodes.clone();
-    let honest =
-        tokio::spawn(async move { connect(&n, Plane::Tcp, 10, 0, 2, config).await.map(|_| ()) });
-    let own_hub = DataHub::default();
-    // The stranger's own inbound side simply times out; what matters is rank 0's view.
-    let _ = TcpRing::connect(
-        &own_hub,
-        "job-test",
-        10,
-        1,
-        &stranger,
-        config.timeout,
-        1024,
-        CancellationToken::new(),
-    )
-    .await;
-    let refused = honest.await.unwrap().unwrap_err();
-    assert!(
-        matches!(refused, WorkerError::TagMismatch { .. }),
-        "rank 0 must refuse a wrong-token connection: {refused}"
-    );
+        // A connection that does not know the generation's token is refused by rank 0,
+        // over TCP and over the same-host socket alike.
+        let stranger = DataPeers {
+            addrs: vec![nodes[0].data_addr.clone(), nodes[1].data_addr.clone()],
+            token: [0; 16],
+            locals: if plane == Plane::Unix {
+                vec![nodes[0].data_local.clone(), nodes[1].data_local.clone()]
+            } else {
+                Vec::new()
+            },
+        };
+        let n = nodes.clone();
+        let honest = tokio::spawn(async move {
+            connect(&n, plane, generation + 1, 0, 2, config)
+                .await
+                .map(|_| ())
+        });
+        let own_hub = DataHub::default();
+        // The stranger's own inbound side simply times out; what matters is rank 0's view.
+        let _ = TcpRing::connect(
+            &own_hub,
+            "job-test",
+            generation + 1,
+            1,
+            &stranger,
+            config.timeout,
+            1024,
+            CancellationToken::new(),
+        )
+        .await;
+        let refused = honest.await.unwrap().unwrap_err();
+        assert!(
+            matches!(refused, WorkerError::TagMismatch { .. }),
+            "{plane:?}: rank 0 must refuse a wrong-token connection: {refused}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,7 @@ pub type ControlStream = mpsc::Receiver<Result<ControlMessage, Status>>;
 struct WorkerEntry {
     addr: String,
     data_addr: String,
+    data_local: String,
     name: String,
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
     job: Option<JobId>,
@@ -368,21 +369,23 @@ impl Coordinator {
             let mut members = Vec::new();
             let mut peers = Vec::new();
             let mut data_peers = Vec::new();
+            let mut data_locals = Vec::new();
             for k in chosen {
                 if let Some((wid, w)) = st.workers.get(k) {
                     members.push(wid.clone());
                     peers.push(w.addr.clone());
                     data_peers.push(w.data_addr.clone());
+                    data_locals.push(w.data_local.clone());
                 }
             }
             // TCP data plane only when configured and every member offers one; the token
             // is fresh per generation, so a stale or foreign connection is refused.
             let use_tcp = self.config.data_plane == crate::config::DataPlane::Tcp
                 && data_peers.iter().all(|d| !d.is_empty());
-            let (data_peers, ring_token) = if use_tcp {
-                (data_peers, random_token().to_vec())
+            let (data_peers, data_locals, ring_token) = if use_tcp {
+                (data_peers, data_locals, random_token().to_vec())
             } else {
-                (Vec::new(), Vec::new())
+                (Vec::new(), Vec::new(), Vec::new())
             };
             let Some((_, job)) = st.jobs.get_mut(&n) else {
                 continue;
@@ -406,6 +409,7 @@ impl Coordinator {
                         plan_json: plan_json.clone(),
                         data_peers: data_peers.clone(),
                         ring_token: ring_token.clone().into(),
+                        data_locals: data_locals.clone(),
                     };
                     let _ = w.tx.try_send(Ok(ControlMessage {
                         kind: Some(control_message::Kind::Assignment(a)),
@@ -424,6 +428,7 @@ impl Coordinator {
         addr: String,
         name: String,
         data_addr: String,
+        data_local: String,
     ) -> ControlStream {
         let (tx, rx) = mpsc::channel(CONTROL_CAPACITY);
         let mut st = self.lock();
@@ -444,6 +449,7 @@ impl Coordinator {
                 WorkerEntry {
                     addr,
                     data_addr,
+                    data_local,
                     name,
                     tx,
                     job: None,
@@ -598,8 +604,8 @@ loss = "sparse_categorical_crossentropy"
             .unwrap();
         assert_eq!(core.get(&id.0).unwrap().state, "waiting");
         let streams = vec![
-            core.attach("a:1".into(), "a".into(), String::new()),
-            core.attach("b:1".into(), "b".into(), String::new()),
+            core.attach("a:1".into(), "a".into(), String::new(), String::new()),
+            core.attach("b:1".into(), "b".into(), String::new(), String::new()),
         ];
         assert_eq!(core.get(&id.0).unwrap().state, "running");
         (core, id.0, streams, dir)
