@@ -153,7 +153,17 @@ pub fn allreduce(
     if json_out {
         println!(
             "{}",
-            json!({ "workers": workers, "iters": iters, "results": results })
+            json!({
+                "workers": workers,
+                "iters": iters,
+                "data_plane": plane,
+                "transport": match (plane, tcp_only) {
+                    ("grpc", _) => "grpc",
+                    (_, true) => "tcp",
+                    _ => "unix",
+                },
+                "results": results,
+            })
         );
     } else {
         println!(

@@ -6,10 +6,14 @@
 //! an ordinary single-threaded call of the `gemm` kernels candle uses (AVX-512 where the
 //! CPU has it, picked at run time). A block writes only its own rows of the result.
 //!
-//! **The result does not depend on the thread count.** `gemm` blocks the reduction
-//! dimension by a size that depends on k and the cache sizes only, and each output
-//! element is one FMA chain over k in that order, so cutting the rows changes which
-//! thread computes an element, not how. `split_rows_is_bit_identical` pins this.
+//! **The result does not depend on the thread count.** For all but small matrices `gemm`
+//! blocks the reduction dimension by a size that depends on k and the cache sizes only,
+//! and each output element is one FMA chain over k in that order, so cutting the rows
+//! changes which thread computes an element, not how. Small products take other paths
+//! (`gemm` 0.19: a fixed k block of 512 when both sides are at most 64, a horizontal
+//! kernel when the output has at most 256 elements), so a product is only split when
+//! every piece stays clear of them: more than 64 rows a piece and at least 16 columns.
+//! `split_rows_is_bit_identical` pins this, including a shape that broke a looser rule.
 //!
 //! This is the crate's only `unsafe`: `gemm::gemm` takes raw pointers and strides. The
 //! bounds it relies on are checked before the call (see [`span`]).
@@ -20,9 +24,17 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor, WithDTy
 
 use crate::WorkerError;
 
-/// Fewest output rows a thread is given; smaller products stay on one thread, where a
-/// thread hand-off would cost more than it saves.
-const MIN_ROWS_PER_THREAD: usize = 32;
+/// Fewest output rows a thread is given: above gemm's small-matrix threshold (64).
+const MIN_ROWS_PER_THREAD: usize = 65;
+
+/// Fewest output columns for a split (with ≥ 65 rows a piece, the piece then has more
+/// than 256 outputs and never takes gemm's horizontal small-output kernel).
+const MIN_SPLIT_COLS: usize = 16;
+
+/// Products with fewer multiply-adds than this stay on one thread: about 70 µs of work
+/// at this machine's single-core GEMM speed, where starting a scoped thread costs tens of
+/// microseconds. (The seed MLP's products are all below it.)
+const MIN_SPLIT_MACS: usize = 1 << 23;
 
 /// A read-only strided view of a `rows × cols` matrix inside a slice. Element (i, j) is
 /// `data[offset + i·rs + j·cs]`; construction checks that every element is in bounds.
@@ -158,7 +170,11 @@ pub fn gemm_into<T: WithDType + 'static>(
             );
         }
     };
-    let threads = threads.min(m / MIN_ROWS_PER_THREAD).max(1);
+    let threads = if m.saturating_mul(n).saturating_mul(k) < MIN_SPLIT_MACS || n < MIN_SPLIT_COLS {
+        1
+    } else {
+        threads.min(m / MIN_ROWS_PER_THREAD).max(1)
+    };
     if threads == 1 {
         block(0, dst);
     } else {
@@ -363,7 +379,13 @@ mod tests {
                 .collect()
         };
         let dev = Device::Cpu;
-        for &(m, k, n) in &[(256, 784, 1024), (200, 1024, 10), (97, 333, 129)] {
+        // 200 rows in 4 pieces of 50 fell into gemm's small-matrix path and differed in the
+        // last bits when pieces could be 32 rows.
+        for &(m, k, n) in &[(256, 784, 1024), (200, 3000, 16), (197, 1333, 129)] {
+            assert!(
+                m * k * n >= MIN_SPLIT_MACS,
+                "{m}x{k}x{n} would not be split"
+            );
             let a = Tensor::from_vec(fill(m * k), (m, k), &dev).unwrap();
             let b = Tensor::from_vec(fill(k * n), (k, n), &dev).unwrap();
             let d = Tensor::from_vec(fill(m * n), (m, n), &dev).unwrap();
@@ -393,6 +415,47 @@ mod tests {
                         "{m}x{k}x{n} with {t} threads differs from 1 thread"
                     );
                 }
+            }
+        }
+    }
+
+    /// The same property over random shapes that qualify for a split (including ragged
+    /// row counts and thread counts that do not divide them).
+    #[test]
+    fn split_is_bit_identical_for_random_shapes() {
+        let mut state = 99u64;
+        let mut below = |lo: usize, hi: usize| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + ((state >> 33) as usize) % (hi - lo)
+        };
+        let dev = Device::Cpu;
+        let mut tested = 0;
+        while tested < 25 {
+            let (m, k, n) = (below(130, 700), below(1, 3000), below(16, 400));
+            if m * k * n < MIN_SPLIT_MACS {
+                continue;
+            }
+            tested += 1;
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| (i * 7919 % 1013) as f32 / 1013.0 - 0.5)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| (i * 104_729 % 997) as f32 / 997.0 - 0.5)
+                .collect();
+            let ta = Tensor::from_vec(a, (m, k), &dev).unwrap();
+            let tb = Tensor::from_vec(b, (k, n), &dev).unwrap();
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let one = flat(matmul(&ta, &tb, 1).unwrap());
+            for threads in [2, 3, 5] {
+                let many = flat(matmul(&ta, &tb, threads).unwrap());
+                assert!(
+                    one.iter()
+                        .zip(&many)
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{m}x{k}x{n} with {threads} threads"
+                );
             }
         }
     }

@@ -867,16 +867,17 @@ mod tests {
 
     /// The f32 path (kernels read in place from `params`, bias folded into the GEMM, dW
     /// written straight into `grad`, products split across threads) against the f64
-    /// tensor path, whose gradients the finite-difference checks above pin. Shapes are
-    /// large enough that every product is split; the thread count must not change a bit.
+    /// tensor path, whose gradients the finite-difference checks above pin. The hidden
+    /// layers are large enough that their products are split; the thread count must not
+    /// change a bit.
     #[test]
     fn f32_path_matches_f64_and_ignores_the_thread_count() {
         let mut s = ModelSpec {
-            input: 70,
+            input: 300,
             layers: vec![
-                LayerSpec::dense(96, Activation::Relu),
+                LayerSpec::dense(256, Activation::Relu),
                 LayerSpec::dropout(0.25),
-                LayerSpec::dense(65, Activation::Tanh),
+                LayerSpec::dense(160, Activation::Tanh),
                 LayerSpec::dense(7, Activation::Softmax),
             ],
         };
@@ -887,7 +888,8 @@ mod tests {
         for p in params.iter_mut() {
             *p += 0.05 * r.normal() as f32;
         }
-        let rows = 150;
+        // Large enough that the first two layers' products are split across threads.
+        let rows = 260;
         let (x, y) = batch(rows, s.input, 12, loss);
         let samples: Vec<u32> = (0..rows as u32).map(|i| 3 * i + 1).collect();
         let key = DropoutKey {
