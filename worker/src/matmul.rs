@@ -206,6 +206,21 @@ pub fn with_view<T: WithDType, R>(
     f(view(cpu.as_slice::<T>()?, layout)?)
 }
 
+/// Runs `f` on a contiguous CPU tensor's values, in row-major order.
+pub fn with_contiguous<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R, WorkerError>,
+) -> Result<R, WorkerError> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(WorkerError::Plan("expected a CPU tensor".into()));
+    };
+    match layout.contiguous_offsets() {
+        Some((lo, hi)) => f(&cpu.as_slice::<T>()?[lo..hi]),
+        None => Err(WorkerError::Plan("expected a contiguous tensor".into())),
+    }
+}
+
 fn view<'a, T>(data: &'a [T], layout: &Layout) -> Result<MatRef<'a, T>, WorkerError> {
     let (&[rows, cols], &[rs, cs]) = (layout.dims(), layout.stride()) else {
         return Err(WorkerError::Plan(format!(

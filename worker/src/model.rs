@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::WorkerError;
 use crate::loss::{self, HeadGrad, LossKind, MetricSums};
-use crate::matmul::{gemm_into, matmul, with_view, MatRef};
+use crate::matmul::{gemm_into, matmul, with_contiguous, with_view, MatRef};
 use crate::rng::{derive_seed, Rng};
 
 /// Negative slope of `leaky_relu` (Keras 3 `activations.leaky_relu` default).
@@ -617,10 +617,18 @@ impl Mlp {
                     } else {
                         f.inputs[i + 1].clone()
                     };
-                    delta = activation_backward(layer.activation, z, &a, &delta)?;
+                    delta = if layer.activation == Activation::Relu && self.dtype == DType::F32 {
+                        relu_backward_f32(z, &delta)?
+                    } else {
+                        activation_backward(layer.activation, z, &a, &delta)?
+                    };
                 }
                 if let Some(b) = l.bias {
-                    write_f32(&delta.sum(0)?, &mut grad[b..b + l.outputs])?;
+                    if self.dtype == DType::F32 {
+                        column_sums_f32(&delta, &mut grad[b..b + l.outputs])?;
+                    } else {
+                        write_f32(&delta.sum(0)?, &mut grad[b..b + l.outputs])?;
+                    }
                 }
                 if self.dtype == DType::F32 {
                     // dW = Xᵀ·δ straight into the gradient buffer; δ·Wᵀ reads the kernel
@@ -731,6 +739,44 @@ fn activation_backward(
             (a * da.broadcast_sub(&dot)?)?
         }
         Activation::Linear => da.clone(),
+    })
+}
+
+/// dL/dz of a ReLU in one pass (δ where z > 0, else 0): candle's `δ · (z > 0)` takes
+/// three passes and two temporaries. Same values; a masked entry is +0 rather than ±0.
+fn relu_backward_f32(z: &Tensor, da: &Tensor) -> Result<Tensor, WorkerError> {
+    let (z, da) = (z.contiguous()?, da.contiguous()?);
+    let out = with_contiguous::<f32, _>(&z, |zs| {
+        with_contiguous::<f32, _>(&da, |ds| {
+            Ok(zs
+                .iter()
+                .zip(ds)
+                .map(|(&z, &d)| if z > 0.0 { d } else { 0.0 })
+                .collect::<Vec<f32>>())
+        })
+    })?;
+    Ok(Tensor::from_vec(out, z.shape(), z.device())?)
+}
+
+/// Column sums of a rows × n f32 tensor into `out` (the bias gradient), rows added in
+/// order.
+fn column_sums_f32(t: &Tensor, out: &mut [f32]) -> Result<(), WorkerError> {
+    let t = t.contiguous()?;
+    let n = out.len();
+    with_contiguous::<f32, _>(&t, |v| {
+        if n == 0 || v.len() % n != 0 {
+            return Err(WorkerError::Plan(format!(
+                "bias gradient: {} values do not make rows of {n}",
+                v.len()
+            )));
+        }
+        out.fill(0.0);
+        for row in v.chunks_exact(n) {
+            for (o, x) in out.iter_mut().zip(row) {
+                *o += *x;
+            }
+        }
+        Ok(())
     })
 }
 
