@@ -157,10 +157,14 @@ pub async fn run(
                     info!(worker_id = %r.worker_id, "registered with the coordinator");
                     worker_id = r.worker_id;
                 }
-                Some(control_message::Kind::Assignment(a)) => {
+                Some(control_message::Kind::Assignment(mut a)) => {
                     // One job at a time: a previous job was cancelled before this
                     // assignment was sent, so wait for it to wind down first.
                     stop_job(&mut running).await;
+                    if !config.local_socket {
+                        // --tcp-only: do not dial neighbours' same-host sockets either.
+                        a.data_locals.clear();
+                    }
                     running = Some(start_job(
                         a,
                         control.clone(),

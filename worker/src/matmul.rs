@@ -70,12 +70,21 @@ impl<'a, T> MatRef<'a, T> {
         rs: usize,
         cs: usize,
     ) -> Result<Self, WorkerError> {
+        // Checked: with huge strides the furthest index could wrap past the bound.
         let last = if rows == 0 || cols == 0 {
-            0
+            Some(0)
         } else {
-            offset + (rows - 1) * rs + (cols - 1) * cs + 1
+            (rows - 1)
+                .checked_mul(rs)
+                .zip((cols - 1).checked_mul(cs))
+                .and_then(|(r, c)| r.checked_add(c))
+                .and_then(|x| x.checked_add(offset))
+                .and_then(|x| x.checked_add(1))
         };
-        if last > data.len() || rs > isize::MAX as usize || cs > isize::MAX as usize {
+        if last.is_none_or(|l| l > data.len())
+            || rs > isize::MAX as usize
+            || cs > isize::MAX as usize
+        {
             return Err(WorkerError::Plan(format!(
                 "a {rows}×{cols} view (offset {offset}, strides {rs}, {cs}) reaches past its \
                  {} stored values",
@@ -104,9 +113,19 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
+/// The element types [`gemm_into`] accepts (gemm panics on others).
+pub trait GemmFloat: WithDType + 'static + private::Sealed {}
+impl GemmFloat for f32 {}
+impl GemmFloat for f64 {}
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
 /// `dst = a · b` (or `dst += a · b` with `accumulate`), where `dst` is `a.rows × b.cols`
 /// row-major, on up to `threads` threads.
-pub fn gemm_into<T: WithDType + 'static>(
+pub fn gemm_into<T: GemmFloat>(
     dst: &mut [T],
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
@@ -178,15 +197,27 @@ pub fn gemm_into<T: WithDType + 'static>(
     if threads == 1 {
         block(0, dst);
     } else {
-        let per = m.div_ceil(threads);
+        // Even pieces: the first m % threads get one row more, so every piece has at
+        // least m / threads ≥ MIN_ROWS_PER_THREAD rows (a ceil-sized split could leave
+        // a short last piece on gemm's small-matrix path).
+        let (base, extra) = (m / threads, m % threads);
         std::thread::scope(|s| {
-            let mut pieces = dst.chunks_mut(per * n).enumerate();
-            let first = pieces.next();
-            for (i, piece) in pieces {
-                let block = &block;
-                s.spawn(move || block(i * per, piece));
+            let mut rest: &mut [T] = dst;
+            let mut row = 0;
+            let mut first = None;
+            for t in 0..threads {
+                let rows = base + usize::from(t < extra);
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(rows * n);
+                rest = tail;
+                if t == 0 {
+                    first = Some(piece);
+                } else {
+                    let block = &block;
+                    s.spawn(move || block(row, piece));
+                }
+                row += rows;
             }
-            if let Some((_, piece)) = first {
+            if let Some(piece) = first {
                 block(0, piece);
             }
         });
@@ -241,7 +272,7 @@ struct RowSplitMatmul {
     threads: usize,
 }
 
-fn product<T: WithDType + 'static>(
+fn product<T: GemmFloat>(
     a: &[T],
     la: &Layout,
     b: &[T],
@@ -396,7 +427,14 @@ mod tests {
         let dev = Device::Cpu;
         // 200 rows in 4 pieces of 50 fell into gemm's small-matrix path and differed in the
         // last bits when pieces could be 32 rows.
-        for &(m, k, n) in &[(256, 784, 1024), (200, 3000, 16), (197, 1333, 129)] {
+        // (196, 784, 64) on 3 threads: a ceil split left a 64-row last piece, which gemm
+        // blocks differently (k = 784 > 512).
+        for &(m, k, n) in &[
+            (256, 784, 1024),
+            (200, 3000, 16),
+            (197, 1333, 129),
+            (196, 784, 64),
+        ] {
             assert!(
                 m * k * n >= MIN_SPLIT_MACS,
                 "{m}x{k}x{n} would not be split"

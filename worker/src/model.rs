@@ -742,8 +742,9 @@ fn activation_backward(
     })
 }
 
-/// dL/dz of a ReLU in one pass (δ where z > 0, else 0): candle's `δ · (z > 0)` takes
-/// three passes and two temporaries. Same values; a masked entry is +0 rather than ±0.
+/// dL/dz of a ReLU in one pass (δ where z > 0, else δ·0): the values of candle's
+/// `δ · (z > 0)`, NaN and signed zeros included, without its three passes and two
+/// temporaries.
 fn relu_backward_f32(z: &Tensor, da: &Tensor) -> Result<Tensor, WorkerError> {
     let (z, da) = (z.contiguous()?, da.contiguous()?);
     let out = with_contiguous::<f32, _>(&z, |zs| {
@@ -751,7 +752,7 @@ fn relu_backward_f32(z: &Tensor, da: &Tensor) -> Result<Tensor, WorkerError> {
             Ok(zs
                 .iter()
                 .zip(ds)
-                .map(|(&z, &d)| if z > 0.0 { d } else { 0.0 })
+                .map(|(&z, &d)| if z > 0.0 { d } else { d * 0.0 })
                 .collect::<Vec<f32>>())
         })
     })?;

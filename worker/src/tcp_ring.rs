@@ -70,17 +70,41 @@ impl DataStream {
     }
 }
 
+/// Prefix of every same-host socket name; the host's boot id follows it.
+#[cfg(target_os = "linux")]
+const LOCAL_PREFIX: &str = "ringtrain-data-";
+
+/// This host's boot id (32 hex digits), which names same-host sockets: a rank dials a
+/// neighbour's socket only when the name carries its own host's boot id. Otherwise a
+/// user on another host could bind the advertised name there and receive that rank's
+/// hello (with the generation's token) and its gradients.
+#[cfg(target_os = "linux")]
+fn boot_id() -> Option<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id: String = raw.trim().chars().filter(|c| *c != '-').collect();
+    (id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit())).then_some(id)
+}
+
 /// Binds this worker's same-host data socket: a Unix socket in the Linux abstract
-/// namespace, named after the process and `tag` so no two live workers share a name.
-/// Returns the listener and the name to advertise.
+/// namespace, named after the host's boot id, the process and `tag`, so no two live
+/// workers share a name. Returns the listener and the name to advertise.
 #[cfg(target_os = "linux")]
 pub fn bind_local(tag: &str) -> std::io::Result<(tokio::net::UnixListener, String)> {
     use std::os::linux::net::SocketAddrExt;
+    let boot = boot_id().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no readable /proc/sys/kernel/random/boot_id",
+        )
+    })?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let name = format!("ringtrain-data-{}-{tag}-{nanos:x}", std::process::id());
+    let name = format!(
+        "{LOCAL_PREFIX}{boot}-{}-{tag}-{nanos:x}",
+        std::process::id()
+    );
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
     let listener = std::os::unix::net::UnixListener::bind_addr(&addr)?;
     listener.set_nonblocking(true)?;
@@ -88,37 +112,59 @@ pub fn bind_local(tag: &str) -> std::io::Result<(tokio::net::UnixListener, Strin
 }
 
 /// Bytes a same-host socket may hold in flight. A Unix stream socket's default (about
-/// 200 KiB) makes every 1 MiB chunk several wake-ups of the peer; at 4 MiB the ring at
-/// N = 2 ran slower over Unix sockets than over TCP. The kernel caps it at
-/// `net.core.wmem_max`, which is fine: a smaller buffer only costs speed.
+/// 200 KiB) makes every 1 MiB chunk several wake-ups of the peer; with it the ring at
+/// N = 2 ran slower over Unix sockets than over TCP. Only the sending side's buffer
+/// counts for a Unix stream. The kernel caps it at `net.core.wmem_max`, which is fine: a
+/// smaller buffer only costs speed.
 #[cfg(target_os = "linux")]
 const LOCAL_SOCKET_BUFFER: usize = 4 << 20;
 
+/// How long a same-host dial may take before the rank falls back to TCP (a local
+/// connect normally completes at once; it waits only when the listener's accept queue is
+/// full).
 #[cfg(target_os = "linux")]
-fn grow_buffers(s: &socket2::SockRef<'_>) {
-    let _ = s.set_send_buffer_size(LOCAL_SOCKET_BUFFER);
-    let _ = s.set_recv_buffer_size(LOCAL_SOCKET_BUFFER);
-}
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Dials a same-host data socket by its abstract name. Fails at once (connection
-/// refused) when no process on this host, in this network namespace, listens on it.
+/// Dials a same-host data socket by its abstract name. `Ok(None)` when the name is not
+/// this host's (another boot id), nobody listens on it here (another host or network
+/// namespace), the dial times out, or the listener runs as another user: the caller then
+/// uses TCP.
 #[cfg(target_os = "linux")]
-fn connect_local(name: &str) -> std::io::Result<DataStream> {
+async fn connect_local(name: &str) -> Option<DataStream> {
     use std::os::linux::net::SocketAddrExt;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    // A local connect completes or fails without waiting on the peer process.
-    let stream = std::os::unix::net::UnixStream::connect_addr(&addr)?;
-    grow_buffers(&socket2::SockRef::from(&stream));
-    stream.set_nonblocking(true)?;
-    Ok(DataStream::Unix(tokio::net::UnixStream::from_std(stream)?))
+    use std::os::unix::fs::MetadataExt;
+    let boot = boot_id()?;
+    if !name.starts_with(&format!("{LOCAL_PREFIX}{boot}-")) {
+        return None;
+    }
+    let addr: tokio::net::unix::SocketAddr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .ok()?
+            .into();
+    let stream = tokio::time::timeout(
+        LOCAL_CONNECT_TIMEOUT,
+        tokio::net::UnixStream::connect_addr(&addr),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    // The listener must be one of ours: same user as this process.
+    let me = std::fs::metadata("/proc/self").ok()?.uid();
+    if stream.peer_cred().ok()?.uid() != me {
+        warn!(
+            socket = name,
+            "same-host data socket belongs to another user; using TCP"
+        );
+        return None;
+    }
+    let sock = socket2::SockRef::from(&stream);
+    let _ = sock.set_send_buffer_size(LOCAL_SOCKET_BUFFER);
+    Some(DataStream::Unix(stream))
 }
 
 #[cfg(not(target_os = "linux"))]
-fn connect_local(_name: &str) -> std::io::Result<DataStream> {
-    Err(std::io::Error::new(
-        std::io::ErrorKind::Unsupported,
-        "same-host data sockets need Linux",
-    ))
+async fn connect_local(_name: &str) -> Option<DataStream> {
+    None
 }
 
 /// An accepted, not yet claimed, connection from a left-hand neighbour.
@@ -221,10 +267,7 @@ pub async fn accept_local_loop(
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
-                Ok((s, _)) => {
-                    grow_buffers(&socket2::SockRef::from(&s));
-                    s
-                }
+                Ok((s, _)) => s,
                 Err(e) => {
                     warn!(error = %e, "local data socket accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -361,11 +404,10 @@ impl TcpRing {
             detail: d,
         };
         let addr = &peers.addrs[right];
-        let local = peers
-            .locals
-            .get(right)
-            .filter(|name| !name.is_empty())
-            .and_then(|name| connect_local(name).ok());
+        let local = match peers.locals.get(right).filter(|name| !name.is_empty()) {
+            Some(name) => connect_local(name).await,
+            None => None,
+        };
         ring.local = local.is_some();
         let out = match local {
             Some(s) => s,

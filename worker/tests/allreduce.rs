@@ -376,3 +376,58 @@ async fn a_vanished_peer_is_an_error_within_the_deadline() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A same-host socket name is dialed only when it carries this host's boot id: a name
+/// advertised by a worker on another host (here, a forged boot id, bound locally as an
+/// attacker on this host could) is never dialed, and the link uses TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_name_from_another_host_is_not_dialed() {
+    let nodes = Arc::new(start_nodes(2).await);
+    let foreign = |n: &Node| {
+        let (_, rest) = n.data_local.split_at("ringtrain-data-".len() + 32);
+        format!("ringtrain-data-{}{rest}", "0".repeat(32))
+    };
+    // Someone on this host listens on the foreign names.
+    let mut squatters = Vec::new();
+    for n in nodes.iter() {
+        use std::os::linux::net::SocketAddrExt;
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(foreign(n).as_bytes()).unwrap();
+        squatters.push(std::os::unix::net::UnixListener::bind_addr(&addr).unwrap());
+    }
+    let data = DataPeers {
+        addrs: nodes.iter().map(|n| n.data_addr.clone()).collect(),
+        token: TOKEN,
+        locals: nodes.iter().map(foreign).collect(),
+    };
+    let config = RingConfig::default();
+    let mut tasks = Vec::new();
+    for rank in 0..2 {
+        let (nodes, data) = (nodes.clone(), data.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ring = TcpRing::connect(
+                &nodes[rank].data_hub,
+                "job-test",
+                31,
+                rank,
+                &data,
+                config.timeout,
+                config.chunk_elems,
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+            assert!(!ring.is_local(), "dialed a socket name from another host");
+            let mut buf = vec![rank as f32 + 1.0; 100];
+            ring.all_reduce(&mut buf, 1).await.unwrap();
+            buf
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), vec![3.0; 100]);
+    }
+    for s in &squatters {
+        s.set_nonblocking(true).unwrap();
+        assert!(s.accept().is_err(), "a squatter received a connection");
+    }
+}
