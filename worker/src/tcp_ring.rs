@@ -15,9 +15,11 @@
 //!
 //! **Ranks on one host** talk over a Unix socket instead (Linux abstract namespace, so
 //! there is no file to clean up). A worker advertises a local socket name beside its TCP
-//! port; a rank dials its right neighbour's local name first and falls back to TCP when
-//! that fails (the neighbour is on another host or in another network namespace, where
-//! the name does not exist). The hello and token check are the same on both. On this
+//! port; the name starts with the host's boot id. A rank dials its right neighbour's
+//! name only when the boot id is its own, and uses the link only when the listener runs
+//! as the same user; otherwise, or when the dial fails or takes over 2 s (another network
+//! namespace, a full accept queue), it falls back to TCP. The hello and token check are
+//! the same on both. On this
 //! project's 2-core machine loopback TCP moved 3.3 GB/s each way when both directions
 //! were busy, against 8.8 GB/s for a Unix socket (BENCHMARKS.md): the kernel's TCP
 //! path, not the copy, is what costs.
