@@ -50,9 +50,13 @@ enum Command {
         /// Deadline of one collective send/receive, in seconds.
         #[arg(long, default_value_t = 20)]
         collective_timeout_secs: u64,
-        /// Ring transport: tcp (plain TCP data plane) or grpc (Collective streams).
+        /// Ring transport: tcp (plain sockets: Unix sockets between workers on this
+        /// host, TCP otherwise) or grpc (Collective streams).
         #[arg(long, default_value = "tcp")]
         data_plane: DataPlane,
+        /// Keep ring data on TCP even between workers on this host.
+        #[arg(long)]
+        tcp_only: bool,
         /// The job file.
         job: PathBuf,
     },
@@ -222,6 +226,9 @@ enum BenchCommand {
         /// Ring transport: tcp or grpc.
         #[arg(long, default_value = "tcp")]
         data_plane: DataPlane,
+        /// Keep ring data on TCP even between workers on this host.
+        #[arg(long)]
+        tcp_only: bool,
         /// The job file.
         job: PathBuf,
     },
@@ -350,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             collective_timeout_secs,
             data_plane,
+            tcp_only,
             job,
         } => {
             init_tracing("warn");
@@ -364,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     collective_timeout: Duration::from_secs(collective_timeout_secs),
                     max_steps: None,
                     data_plane,
+                    tcp_only,
                 },
                 |s| bar.update(s),
                 shutdown_token(),
@@ -521,6 +530,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     workers,
                     steps,
                     data_plane,
+                    tcp_only,
                     job,
                 } => {
                     let exe =
@@ -536,6 +546,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             collective_timeout: Duration::from_secs(20),
                             max_steps: Some(steps),
                             data_plane,
+                            tcp_only,
                         },
                         |_| {},
                         shutdown_token(),

@@ -36,6 +36,8 @@ pub struct LocalOptions {
     pub max_steps: Option<u64>,
     /// The ring's transport.
     pub data_plane: crate::config::DataPlane,
+    /// Start workers with `--tcp-only` (no same-host Unix sockets for ring data).
+    pub tcp_only: bool,
 }
 
 /// Runs one job on an embedded cluster and returns its final status. `on_status` sees
@@ -86,6 +88,7 @@ pub async fn run_local(
                 "--reconnect-timeout-secs",
                 "10",
             ])
+            .args(opts.tcp_only.then_some("--tcp-only"))
             .env("RAYON_NUM_THREADS", &threads)
             .env(
                 "RUST_LOG",
