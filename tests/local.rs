@@ -161,3 +161,45 @@ fn malformed_job_files_name_the_field_and_exit_non_zero() {
         &["batch_size", "at least 1"],
     );
 }
+
+/// Workers on one host exchange ring data over Unix sockets, `--tcp-only` keeps them on
+/// TCP, and the transport does not change a single byte of the trained model.
+#[test]
+fn same_host_workers_use_unix_sockets_and_tcp_only_gives_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = synthetic_job(dir.path(), "transport", 1200, 1, 0.0, 0);
+    let mut models = Vec::new();
+    for (name, tcp_only) in [("unix", false), ("tcp", true)] {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "local",
+            "--workers",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        if tcp_only {
+            args.push("--tcp-only");
+        }
+        args.push(job.to_str().unwrap());
+        let run = std::process::Command::new(bin())
+            .args(&args)
+            .env("RINGTRAIN_WORKER_LOG", "info")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{name}: {stderr}");
+        let want = format!("same_host_socket={}", !tcp_only);
+        assert_eq!(
+            stderr.matches(&want).count(),
+            2,
+            "{name}: both ranks' links: {stderr}"
+        );
+        models.push(std::fs::read(out.join("model.safetensors")).unwrap());
+    }
+    assert!(
+        models[0] == models[1],
+        "the transport changed the trained parameters"
+    );
+}
