@@ -323,6 +323,14 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    fn flat<T: WithDType>(t: &Tensor) -> Vec<T> {
+        t.flatten_all().unwrap().to_vec1::<T>().unwrap()
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+    }
+
     fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut c = vec![0.0; m * n];
         for i in 0..m {
@@ -345,12 +353,7 @@ mod tests {
         let want = naive(&a, &b, m, k, n);
         let ta = Tensor::from_slice(&a, (m, k), &Device::Cpu).unwrap();
         let tb = Tensor::from_slice(&b, (k, n), &Device::Cpu).unwrap();
-        let got = matmul(&ta, &tb, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let got: Vec<f64> = flat(&matmul(&ta, &tb, 1).unwrap());
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-9, "{g} vs {w}");
         }
@@ -358,31 +361,13 @@ mod tests {
         let ta32 = ta.to_dtype(DType::F32).unwrap();
         let tb32 = tb.to_dtype(DType::F32).unwrap();
         let bt_at = matmul(&tb32.t().unwrap(), &ta32.t().unwrap(), 3).unwrap();
-        let got = bt_at
-            .t()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (g, w) in got.iter().zip(&want) {
+        let got32: Vec<f32> = flat(&bt_at.t().unwrap());
+        for (g, w) in got32.iter().zip(&want) {
             assert!((*g as f64 - w).abs() < 1e-3, "{g} vs {w}");
         }
         // Agrees with candle's own product exactly in f64 up to rounding.
-        let candle = ta
-            .matmul(&tb)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let ours = matmul(&ta, &tb, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        for (c, o) in candle.iter().zip(&ours) {
+        let candle: Vec<f64> = flat(&ta.matmul(&tb).unwrap());
+        for (c, o) in candle.iter().zip(&got) {
             assert!((c - o).abs() < 1e-9);
         }
     }
@@ -448,23 +433,11 @@ mod tests {
                 (d, b.t().unwrap()),
             ];
             for (x, y) in &cases {
-                let one = matmul(x, y, 1)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
+                let one: Vec<f32> = flat(&matmul(x, y, 1).unwrap());
                 for t in [2, 3, 4] {
-                    let many = matmul(x, y, t)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap();
+                    let many: Vec<f32> = flat(&matmul(x, y, t).unwrap());
                     assert!(
-                        one.iter()
-                            .zip(&many)
-                            .all(|(p, q)| p.to_bits() == q.to_bits()),
+                        same_bits(&one, &many),
                         "{m}x{k}x{n} with {t} threads differs from 1 thread"
                     );
                 }
@@ -499,16 +472,10 @@ mod tests {
                 .collect();
             let ta = Tensor::from_vec(a, (m, k), &dev).unwrap();
             let tb = Tensor::from_vec(b, (k, n), &dev).unwrap();
-            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let one = flat(matmul(&ta, &tb, 1).unwrap());
+            let one: Vec<f32> = flat(&matmul(&ta, &tb, 1).unwrap());
             for threads in [2, 3, 5] {
-                let many = flat(matmul(&ta, &tb, threads).unwrap());
-                assert!(
-                    one.iter()
-                        .zip(&many)
-                        .all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{m}x{k}x{n} with {threads} threads"
-                );
+                let many: Vec<f32> = flat(&matmul(&ta, &tb, threads).unwrap());
+                assert!(same_bits(&one, &many), "{m}x{k}x{n} with {threads} threads");
             }
         }
     }

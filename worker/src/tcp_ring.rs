@@ -237,25 +237,13 @@ impl DataHub {
 /// Accepts TCP data connections until `stop`, reading each hello and handing the stream
 /// to `hub`. Malformed hellos are dropped.
 pub async fn accept_loop(listener: TcpListener, hub: Arc<DataHub>, stop: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "data plane accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let listener = &listener;
+    accept_each(hub, stop, move || async move {
+        let (stream, peer) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        tokio::spawn(receive_hello(
-            DataStream::Tcp(stream),
-            hub.clone(),
-            peer.to_string(),
-        ));
-    }
+        Ok((DataStream::Tcp(stream), peer.to_string()))
+    })
+    .await
 }
 
 /// [`accept_loop`] for the same-host Unix socket of [`bind_local`].
@@ -265,23 +253,34 @@ pub async fn accept_local_loop(
     hub: Arc<DataHub>,
     stop: CancellationToken,
 ) {
+    let listener = &listener;
+    accept_each(hub, stop, move || async move {
+        let (stream, _) = listener.accept().await?;
+        Ok((DataStream::Unix(stream), "local socket".to_string()))
+    })
+    .await
+}
+
+/// The accept loop of both listeners: each accepted stream (and a name for logs) goes
+/// to [`receive_hello`] on its own task; a failed accept is logged and retried shortly.
+async fn accept_each<F, Fut>(hub: Arc<DataHub>, stop: CancellationToken, mut accept: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(DataStream, String)>>,
+{
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+            r = accept() => match r {
+                Ok(s) => s,
                 Err(e) => {
-                    warn!(error = %e, "local data socket accept failed");
+                    warn!(error = %e, "data plane accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        tokio::spawn(receive_hello(
-            DataStream::Unix(stream),
-            hub.clone(),
-            "local socket".into(),
-        ));
+        tokio::spawn(receive_hello(stream, hub.clone(), peer));
     }
 }
 
