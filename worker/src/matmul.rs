@@ -19,8 +19,7 @@
 //! bounds it relies on are checked before the call (see [`span`]).
 #![allow(unsafe_code)]
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{DType, Layout, Storage, Tensor, WithDType};
 
 use crate::WorkerError;
 
@@ -265,63 +264,33 @@ fn view<'a, T>(data: &'a [T], layout: &Layout) -> Result<MatRef<'a, T>, WorkerEr
 /// `a · b` for 2-D f32 or f64 tensors on the CPU, on up to `threads` threads. Accepts any
 /// strides, so `t.t()` needs no copy.
 pub fn matmul(a: &Tensor, b: &Tensor, threads: usize) -> Result<Tensor, WorkerError> {
-    Ok(a.apply_op2_no_bwd(b, &RowSplitMatmul { threads })?)
-}
-
-struct RowSplitMatmul {
-    threads: usize,
-}
-
-fn product<T: GemmFloat>(
-    a: &[T],
-    la: &Layout,
-    b: &[T],
-    lb: &Layout,
-    threads: usize,
-) -> candle_core::Result<(Vec<T>, Shape)> {
-    let run = || -> Result<(Vec<T>, Shape), WorkerError> {
-        let (a, b) = (view(a, la)?, view(b, lb)?);
-        let mut dst = vec![T::zero(); a.rows * b.cols];
-        gemm_into(&mut dst, a, b, false, threads)?;
-        Ok((dst, Shape::from((a.rows, b.cols))))
-    };
-    run().map_err(|e| candle_core::Error::Msg(e.to_string()))
-}
-
-impl CustomOp2 for RowSplitMatmul {
-    fn name(&self) -> &'static str {
-        "row-split-matmul"
+    fn product<T: GemmFloat>(
+        a: &Tensor,
+        b: &Tensor,
+        threads: usize,
+    ) -> Result<Tensor, WorkerError> {
+        let (dst, rows, cols) = with_view::<T, _>(a, |a| {
+            with_view::<T, _>(b, |b| {
+                let mut dst = vec![T::zero(); a.rows * b.cols];
+                gemm_into(&mut dst, a, b, false, threads)?;
+                Ok((dst, a.rows, b.cols))
+            })
+        })?;
+        Ok(Tensor::from_vec(dst, (rows, cols), a.device())?)
     }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (v, s) = product(a, l1, b, l2, self.threads)?;
-                Ok((CpuStorage::F32(v), s))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (v, s) = product(a, l1, b, l2, self.threads)?;
-                Ok((CpuStorage::F64(v), s))
-            }
-            _ => candle_core::bail!(
-                "matmul supports f32 and f64 operands of one dtype, got {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        }
+    match (a.dtype(), b.dtype()) {
+        (DType::F32, DType::F32) => product::<f32>(a, b, threads),
+        (DType::F64, DType::F64) => product::<f64>(a, b, threads),
+        (x, y) => Err(WorkerError::Plan(format!(
+            "matmul supports f32 and f64 operands of one dtype, got {x:?} and {y:?}"
+        ))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     fn flat<T: WithDType>(t: &Tensor) -> Vec<T> {
         t.flatten_all().unwrap().to_vec1::<T>().unwrap()
