@@ -3,6 +3,7 @@
 
 mod bench;
 mod model_cmds;
+mod plot;
 mod privacy_cmd;
 mod progress;
 
@@ -378,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shutdown_token(),
             )
             .await?;
+            model_cmds::draw_curves(&status);
             bar.finish(&status);
             progress::print_result(&status, json);
             Ok(progress::exit_code(&status))

@@ -5,7 +5,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ringtrain_coordinator::saved_model::{Input, SavedModel};
+use ringtrain_coordinator::model_input::{read_input, Input};
+use ringtrain_proto::v1::JobStatus;
+use ringtrain_worker::saved_model::SavedModel;
 use serde_json::json;
 
 /// Builds the input from the mutually exclusive CLI options.
@@ -43,7 +45,7 @@ pub fn predict(
     json_out: bool,
 ) -> anyhow::Result<()> {
     let m = SavedModel::load(model)?;
-    let rows = m.read(&input, false)?;
+    let rows = read_input(&m.card, &input, false)?;
     let preds = m.predict(rows.x, rows.features, &rows.source)?;
     let classification = m.card.loss.is_classification();
     let predicted = |p: &[f64]| {
@@ -111,7 +113,7 @@ fn emit(text: &str) -> anyhow::Result<()> {
 /// `ringtrain evaluate`.
 pub fn evaluate(model: &Path, input: Input, json_out: bool) -> anyhow::Result<()> {
     let m = SavedModel::load(model)?;
-    let rows = m.read(&input, true)?;
+    let rows = read_input(&m.card, &input, true)?;
     let y = rows.y.context("labels are required")?;
     let e = m.evaluate(rows.x, &y, rows.features, &rows.source)?;
     if json_out {
@@ -153,7 +155,7 @@ pub fn evaluate(model: &Path, input: Input, json_out: bool) -> anyhow::Result<()
 /// `ringtrain plot`.
 pub fn plot(run_dir: &Path, output: Option<PathBuf>, json_out: bool) -> anyhow::Result<()> {
     let out = output.unwrap_or_else(|| run_dir.join("curves.png"));
-    let s = ringtrain_coordinator::plot::plot_metrics_file(&run_dir.join("metrics.jsonl"), &out)?;
+    let s = crate::plot::plot_metrics_file(&run_dir.join("metrics.jsonl"), &out)?;
     if json_out {
         println!(
             "{}",
@@ -168,4 +170,16 @@ pub fn plot(run_dir: &Path, output: Option<PathBuf>, json_out: bool) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// Draws `curves.png` beside a finished local run's `metrics.jsonl` (a run that never
+/// finished an epoch has none; a drawing failure is a warning, not a failed job).
+pub fn draw_curves(status: &JobStatus) {
+    let out_dir = PathBuf::from(&status.out_dir);
+    let metrics = out_dir.join("metrics.jsonl");
+    if metrics.is_file() {
+        if let Err(e) = crate::plot::plot_metrics_file(&metrics, &out_dir.join("curves.png")) {
+            tracing::warn!(error = %e, "cannot draw curves.png");
+        }
+    }
 }

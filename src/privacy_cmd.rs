@@ -6,7 +6,7 @@ use crate::PrivacyCommand;
 
 /// Runs `ringtrain privacy epsilon|noise`.
 pub fn run(cmd: PrivacyCommand, json: bool) -> anyhow::Result<ExitCode> {
-    use ringtrain_worker::privacy::{calibrate_noise, epsilon, AccountantKind, Ledger};
+    use ringtrain_core::privacy::{calibrate_noise, epsilon, AccountantKind, Ledger};
     match cmd {
         PrivacyCommand::Epsilon {
             noise_multiplier,

@@ -4,12 +4,11 @@
 use std::io::Read;
 use std::path::Path;
 
-use ringtrain_worker::rng::{derive_seed, Rng};
-use serde::{Deserialize, Serialize};
+use ringtrain_core::rng::{derive_seed, Rng};
 
 use crate::csv_table::{read_csv, LabelColumn};
 use crate::error::CoordinatorError;
-use crate::job_file::{DataSource, NormalizeKind, Task};
+use crate::job_file::{DataSource, Task};
 use crate::npy::{read_npy_features, read_npy_labels};
 
 /// Rows of features with one target each (a class index or a regression value).
@@ -175,95 +174,6 @@ impl Dataset {
                     row_origin: RowOrigin::Element,
                     origin: labels.display().to_string(),
                 })
-            }
-        }
-    }
-}
-
-/// Per-feature scaling fitted on the training split; saved with the model and applied
-/// by predict and evaluate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Normalization {
-    /// No scaling.
-    None,
-    /// (x − min) / (max − min); a constant feature maps to 0.
-    Minmax {
-        /// Per-feature minimum.
-        min: Vec<f32>,
-        /// Per-feature maximum.
-        max: Vec<f32>,
-    },
-    /// (x − mean) / std (population std); a constant feature maps to 0.
-    Standard {
-        /// Per-feature mean.
-        mean: Vec<f32>,
-        /// Per-feature standard deviation.
-        std: Vec<f32>,
-    },
-}
-
-impl Normalization {
-    /// Fits `kind` on a training split.
-    pub fn fit(kind: NormalizeKind, d: &Dataset) -> Normalization {
-        let f = d.features;
-        let rows = d.rows().max(1);
-        match kind {
-            NormalizeKind::None => Normalization::None,
-            NormalizeKind::Minmax => {
-                let mut min = vec![f32::INFINITY; f];
-                let mut max = vec![f32::NEG_INFINITY; f];
-                for row in d.x.chunks(f) {
-                    for j in 0..f {
-                        min[j] = min[j].min(row[j]);
-                        max[j] = max[j].max(row[j]);
-                    }
-                }
-                Normalization::Minmax { min, max }
-            }
-            NormalizeKind::Standard => {
-                let mut mean = vec![0f64; f];
-                for row in d.x.chunks(f) {
-                    for j in 0..f {
-                        mean[j] += row[j] as f64;
-                    }
-                }
-                mean.iter_mut().for_each(|m| *m /= rows as f64);
-                let mut var = vec![0f64; f];
-                for row in d.x.chunks(f) {
-                    for j in 0..f {
-                        let e = row[j] as f64 - mean[j];
-                        var[j] += e * e;
-                    }
-                }
-                Normalization::Standard {
-                    mean: mean.iter().map(|&m| m as f32).collect(),
-                    std: var
-                        .iter()
-                        .map(|&v| (v / rows as f64).sqrt() as f32)
-                        .collect(),
-                }
-            }
-        }
-    }
-
-    /// Scales rows of `features` values in place.
-    pub fn apply(&self, x: &mut [f32], features: usize) {
-        let (shift, scale): (&[f32], Vec<f32>) = match self {
-            Normalization::None => return,
-            Normalization::Minmax { min, max } => {
-                (min, min.iter().zip(max).map(|(a, b)| b - a).collect())
-            }
-            Normalization::Standard { mean, std } => (mean, std.clone()),
-        };
-        for row in x.chunks_mut(features) {
-            for j in 0..features {
-                let s = scale[j];
-                row[j] = if s > 0.0 {
-                    (row[j] - shift[j]) / s
-                } else {
-                    0.0
-                };
             }
         }
     }
@@ -438,6 +348,8 @@ pub fn idx(images: &Path, labels: &Path) -> Result<Dataset, CoordinatorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job_file::NormalizeKind;
+    use ringtrain_core::saved_model::Normalization;
 
     #[test]
     fn synthetic_is_deterministic_from_the_seed() {
@@ -484,11 +396,11 @@ mod tests {
             features: 2,
             ..Dataset::default()
         };
-        let s = Normalization::fit(NormalizeKind::Standard, &d);
+        let s = Normalization::fit(NormalizeKind::Standard, &d.x, d.features);
         let mut x = d.x.clone();
         s.apply(&mut x, 2);
         assert_eq!(x, vec![-1.0, 0.0, 1.0, 0.0]); // constant feature maps to 0
-        let m = Normalization::fit(NormalizeKind::Minmax, &d);
+        let m = Normalization::fit(NormalizeKind::Minmax, &d.x, d.features);
         let mut x = vec![2.0, 10.0];
         m.apply(&mut x, 2);
         assert_eq!(x, vec![0.5, 0.0]);

@@ -1,18 +1,7 @@
 //! Errors of the coordinator crate.
 
+use ringtrain_core::{CheckpointError, SpecError};
 use thiserror::Error;
-
-/// A job file problem: which file, which field, what is wrong and how to fix it.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-#[error("{file}: {field}: {message}")]
-pub struct SpecError {
-    /// The job file (or "job" when it came without a name).
-    pub file: String,
-    /// The field (dotted path) or line.
-    pub field: String,
-    /// What is wrong and what to do.
-    pub message: String,
-}
 
 /// Everything that can go wrong in the control plane.
 #[derive(Debug, Error)]
@@ -45,14 +34,9 @@ pub enum CoordinatorError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A checkpoint failed verification.
-    #[error("corrupt checkpoint {path}: {message}")]
-    CorruptCheckpoint {
-        /// Its directory.
-        path: String,
-        /// What failed.
-        message: String,
-    },
+    /// A checkpoint could not be written or failed verification.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// Serialization failed.
     #[error("serialization failed: {0}")]
     Serialize(String),

@@ -14,6 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use ringtrain_core::CheckpointError;
+
 use crate::error::CoordinatorError;
 use crate::service::Coordinator;
 
@@ -26,7 +28,11 @@ pub fn to_status(e: CoordinatorError) -> Status {
         }
         CoordinatorError::UnknownJob(_) => Status::not_found(msg),
         CoordinatorError::Precondition(_) => Status::failed_precondition(msg),
-        CoordinatorError::CorruptCheckpoint { .. } => Status::data_loss(msg),
+        CoordinatorError::Checkpoint(c) => match c {
+            CheckpointError::Corrupt { .. } => Status::data_loss(msg),
+            CheckpointError::Invalid(_) => Status::invalid_argument(msg),
+            CheckpointError::Io { .. } | CheckpointError::Serialize(_) => Status::internal(msg),
+        },
         CoordinatorError::Io { .. }
         | CoordinatorError::Serialize(_)
         | CoordinatorError::Transport(_) => Status::internal(msg),

@@ -136,12 +136,5 @@ pub async fn run_local(
     }
     stop.cancel();
     let _ = server.await;
-    let out_dir = PathBuf::from(&final_status.out_dir);
-    let metrics = out_dir.join("metrics.jsonl");
-    if metrics.is_file() {
-        if let Err(e) = crate::plot::plot_metrics_file(&metrics, &out_dir.join("curves.png")) {
-            warn!(error = %e, "cannot draw curves.png");
-        }
-    }
     Ok(final_status)
 }

@@ -64,9 +64,20 @@ pub enum WorkerError {
     /// The assignment's training plan is malformed.
     #[error("bad training plan: {0}")]
     Plan(String),
+    /// A saved model (or the data given to it) cannot be used.
+    #[error("{path}: {message}")]
+    Model {
+        /// The run directory or data file at fault.
+        path: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,
+    /// The plan failed the shared checks.
+    #[error(transparent)]
+    PlanRejected(#[from] ringtrain_core::PlanError),
     /// A blocking compute task panicked or was aborted.
     #[error("compute task failed: {0}")]
     Join(String),

@@ -1,9 +1,11 @@
 //! A job's datasets: loaded once at submit, checked against the model, normalized with
 //! statistics of the training split, and held for the job's lifetime.
 
-use crate::dataset::{Dataset, Normalization};
-use crate::error::{CoordinatorError, SpecError};
+use crate::dataset::Dataset;
+use crate::error::CoordinatorError;
 use crate::job_file::JobFile;
+use ringtrain_core::saved_model::Normalization;
+use ringtrain_core::SpecError;
 
 /// A job's datasets, held for its lifetime.
 #[derive(Debug)]
@@ -62,7 +64,7 @@ pub(super) fn load_data(file: &JobFile, source: &str) -> Result<JobData, Coordin
         }
         None => None,
     };
-    let normalization = Normalization::fit(file.data.normalize, &train);
+    let normalization = Normalization::fit(file.data.normalize, &train.x, train.features);
     let d = train.features;
     normalization.apply(&mut train.x, d);
     normalization.apply(&mut validation.x, d);

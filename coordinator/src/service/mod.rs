@@ -22,11 +22,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use ringtrain_core::plan::TrainingPlan;
 use ringtrain_proto::v1::{
     control_message, Assignment, CancelJob, ControlMessage, JobStatus, Metrics, Registered,
     Shutdown, SubmitRequest,
 };
-use ringtrain_worker::plan::TrainingPlan;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;

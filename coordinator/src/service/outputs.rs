@@ -8,9 +8,9 @@ use ringtrain_proto::v1::EpochSummary;
 use tracing::warn;
 
 use crate::checkpoint::{tensors_bytes, CheckpointMeta};
-use crate::dataset::Normalization;
 use crate::error::CoordinatorError;
 use crate::job_file::JobFile;
+use ringtrain_core::saved_model::Normalization;
 
 /// What `model.json` says besides the architecture.
 #[derive(Debug, Clone)]
@@ -60,12 +60,13 @@ pub(super) fn write_model(
         out_dir.display()
     )))?;
     let bytes = tensors_bytes(&file.model, &[("", params)])?;
+    let weights_sha256 = ringtrain_core::saved_model::sha256_hex(&bytes);
     let tmp = out_dir.join(".model.safetensors.tmp");
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, out_dir.join("model.safetensors")))
         .map_err(CoordinatorError::io("writing model.safetensors"))?;
-    let saved = crate::saved_model::ModelCard {
-        format: crate::saved_model::FORMAT.into(),
+    let saved = ringtrain_core::saved_model::ModelCard {
+        format: ringtrain_core::saved_model::FORMAT.into(),
         name: file.name.clone(),
         model: file.model.clone(),
         loss: file.train.loss,
@@ -74,15 +75,20 @@ pub(super) fn write_model(
         normalization: info.normalization.clone(),
         feature_names: info.feature_names.clone(),
         label: info.label_name.clone(),
-        trained: crate::saved_model::Provenance {
+        trained: ringtrain_core::saved_model::Provenance {
             job_id: meta.job_id.clone(),
             steps: meta.step,
             epochs: meta.epoch,
             spec_hash: meta.spec_hash.clone(),
         },
+        weights_sha256,
     };
     let text = serde_json::to_string_pretty(&saved)
         .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
-    std::fs::write(out_dir.join("model.json"), text)
+    // The card goes in last and by rename: a reader never sees a card without its
+    // weights, nor a half-written one.
+    let tmp = out_dir.join(".model.json.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, out_dir.join("model.json")))
         .map_err(CoordinatorError::io("writing model.json"))
 }

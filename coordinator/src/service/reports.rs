@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
+use ringtrain_core::sharding;
 use ringtrain_proto::v1::{
     worker_report, CheckpointUpload, Metrics, ShardChunk, ShardRequest, Split, WorkerReport,
 };
-use ringtrain_worker::sharding;
 use tracing::{info, info_span};
 
 use super::outputs::{append_metrics, write_model, ModelInfo};
@@ -173,7 +173,7 @@ impl Coordinator {
                     "{what} is not a whole number of f32s"
                 )));
             }
-            Ok(ringtrain_worker::wire::f32s_le(b).collect())
+            Ok(ringtrain_core::wire::f32s_le(b).collect())
         };
         let state = TrainingState {
             params: decode(&u.params, "params")?,

@@ -15,12 +15,12 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ringtrain_worker::model::ModelSpec;
+use crate::model::ModelSpec;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::CoordinatorError;
+use crate::error::CheckpointError;
 
 /// Metadata saved beside the tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,18 +73,18 @@ const TENSORS: &str = "state.safetensors";
 const META: &str = "meta.json";
 const CHECKSUM: &str = "CHECKSUM";
 
-fn fsync_file(path: &Path, bytes: &[u8]) -> Result<(), CoordinatorError> {
+fn fsync_file(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut f = fs::File::create(path)
-        .map_err(CoordinatorError::io(format!("creating {}", path.display())))?;
+        .map_err(CheckpointError::io(format!("creating {}", path.display())))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
-        .map_err(CoordinatorError::io(format!("writing {}", path.display())))
+        .map_err(CheckpointError::io(format!("writing {}", path.display())))
 }
 
-fn fsync_dir(path: &Path) -> Result<(), CoordinatorError> {
+fn fsync_dir(path: &Path) -> Result<(), CheckpointError> {
     fs::File::open(path)
         .and_then(|d| d.sync_all())
-        .map_err(CoordinatorError::io(format!(
+        .map_err(CheckpointError::io(format!(
             "syncing directory {}",
             path.display()
         )))
@@ -101,12 +101,12 @@ fn checksum(tensors: &[u8], meta: &[u8]) -> String {
 pub fn tensors_bytes(
     model: &ModelSpec,
     groups: &[(&str, &[f32])],
-) -> Result<Vec<u8>, CoordinatorError> {
+) -> Result<Vec<u8>, CheckpointError> {
     let names = model.tensor_names();
     let mut views = Vec::new();
     for (prefix, buf) in groups {
         if buf.len() != model.num_params() {
-            return Err(CoordinatorError::Precondition(format!(
+            return Err(CheckpointError::Invalid(format!(
                 "{prefix} buffer has {} values, the model has {} parameters",
                 buf.len(),
                 model.num_params()
@@ -116,7 +116,7 @@ pub fn tensors_bytes(
             let len: usize = shape.iter().product();
             let bytes: &[u8] = bytemuck::cast_slice(&buf[*offset..offset + len]);
             let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
+                .map_err(|e| CheckpointError::Serialize(e.to_string()))?;
             let full = if prefix.is_empty() {
                 name.clone()
             } else {
@@ -126,12 +126,12 @@ pub fn tensors_bytes(
         }
     }
     safetensors::tensor::serialize(views, None::<HashMap<String, String>>)
-        .map_err(|e| CoordinatorError::Serialize(e.to_string()))
+        .map_err(|e| CheckpointError::Serialize(e.to_string()))
 }
 
 /// Reads named tensors (`<prefix>.dense_<i>.kernel`, ... or unprefixed) back into a flat
 /// buffer in the model's layout; the error names the tensor.
-pub(crate) fn read_group(
+pub fn read_group(
     st: &safetensors::SafeTensors<'_>,
     model: &ModelSpec,
     prefix: &str,
@@ -155,7 +155,7 @@ pub(crate) fn read_group(
         }
         for (d, v) in out[offset..offset + shape.iter().product::<usize>()]
             .iter_mut()
-            .zip(ringtrain_worker::wire::f32s_le(t.data()))
+            .zip(crate::wire::f32s_le(t.data()))
         {
             *d = v;
         }
@@ -184,13 +184,13 @@ impl CheckpointStore {
         &self,
         meta: &CheckpointMeta,
         state: &TrainingState,
-    ) -> Result<PathBuf, CoordinatorError> {
-        fs::create_dir_all(&self.dir).map_err(CoordinatorError::io(format!(
+    ) -> Result<PathBuf, CheckpointError> {
+        fs::create_dir_all(&self.dir).map_err(CheckpointError::io(format!(
             "creating {}",
             self.dir.display()
         )))?;
         if state.slots.len() != meta.optimizer_slots.len() {
-            return Err(CoordinatorError::Precondition(format!(
+            return Err(CheckpointError::Invalid(format!(
                 "{} optimizer buffers for slots {:?}",
                 state.slots.len(),
                 meta.optimizer_slots
@@ -210,7 +210,7 @@ impl CheckpointStore {
         );
         let tensors = tensors_bytes(&meta.model, &groups)?;
         let meta_bytes = serde_json::to_vec_pretty(meta)
-            .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
+            .map_err(|e| CheckpointError::Serialize(e.to_string()))?;
         // The final checkpoint gets its own name, so it never replaces a periodic one
         // taken at the same step (names still sort by step, final last).
         let name = if meta.final_ {
@@ -220,8 +220,7 @@ impl CheckpointStore {
         };
         let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir(&tmp)
-            .map_err(CoordinatorError::io(format!("creating {}", tmp.display())))?;
+        fs::create_dir(&tmp).map_err(CheckpointError::io(format!("creating {}", tmp.display())))?;
         fsync_file(&tmp.join(TENSORS), &tensors)?;
         fsync_file(&tmp.join(META), &meta_bytes)?;
         fsync_file(
@@ -234,13 +233,11 @@ impl CheckpointStore {
             // Same step written again (e.g. the final checkpoint on a checkpoint step):
             // move the old one aside first so the rename below stays atomic.
             let old = self.dir.join(format!(".old-{name}-{}", std::process::id()));
-            fs::rename(&dest, &old).map_err(CoordinatorError::io(format!(
-                "replacing {}",
-                dest.display()
-            )))?;
+            fs::rename(&dest, &old)
+                .map_err(CheckpointError::io(format!("replacing {}", dest.display())))?;
             let _ = fs::remove_dir_all(&old);
         }
-        fs::rename(&tmp, &dest).map_err(CoordinatorError::io(format!(
+        fs::rename(&tmp, &dest).map_err(CheckpointError::io(format!(
             "renaming into {}",
             dest.display()
         )))?;
@@ -254,7 +251,7 @@ impl CheckpointStore {
     }
 
     /// Checkpoint directories, oldest first.
-    pub fn list(&self) -> Result<Vec<PathBuf>, CoordinatorError> {
+    pub fn list(&self) -> Result<Vec<PathBuf>, CheckpointError> {
         let mut out: Vec<PathBuf> = match fs::read_dir(&self.dir) {
             Ok(rd) => rd
                 .filter_map(|e| e.ok())
@@ -267,7 +264,7 @@ impl CheckpointStore {
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
-                return Err(CoordinatorError::io(format!(
+                return Err(CheckpointError::io(format!(
                     "listing {}",
                     self.dir.display()
                 ))(e))
@@ -277,19 +274,19 @@ impl CheckpointStore {
         Ok(out)
     }
 
-    fn prune(&self) -> Result<(), CoordinatorError> {
+    fn prune(&self) -> Result<(), CheckpointError> {
         let all = self.list()?;
         if all.len() > self.keep {
             for p in &all[..all.len() - self.keep] {
                 fs::remove_dir_all(p)
-                    .map_err(CoordinatorError::io(format!("pruning {}", p.display())))?;
+                    .map_err(CheckpointError::io(format!("pruning {}", p.display())))?;
             }
         }
         Ok(())
     }
 
     /// The newest checkpoint, verified.
-    pub fn latest(&self) -> Result<Option<Checkpoint>, CoordinatorError> {
+    pub fn latest(&self) -> Result<Option<Checkpoint>, CheckpointError> {
         match self.list()?.last() {
             Some(p) => Ok(Some(load(p)?)),
             None => Ok(None),
@@ -298,8 +295,8 @@ impl CheckpointStore {
 }
 
 /// Reads and verifies a checkpoint directory.
-pub fn load(path: &Path) -> Result<Checkpoint, CoordinatorError> {
-    let corrupt = |m: String| CoordinatorError::CorruptCheckpoint {
+pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let corrupt = |m: String| CheckpointError::Corrupt {
         path: path.display().to_string(),
         message: m,
     };
@@ -332,7 +329,7 @@ pub fn load(path: &Path) -> Result<Checkpoint, CoordinatorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringtrain_worker::model::{Activation, LayerSpec};
+    use crate::model::{Activation, LayerSpec};
 
     fn meta(step: u64) -> CheckpointMeta {
         CheckpointMeta {

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use ringtrain_worker::loss::{LossKind, Metric};
-use ringtrain_worker::model::ModelSpec;
-use ringtrain_worker::optimizer::{OptimizerConfig, Schedule};
-use ringtrain_worker::plan::EarlyStopping;
+use crate::loss::{LossKind, Metric};
+use crate::model::ModelSpec;
+use crate::optimizer::{OptimizerConfig, Schedule};
+use crate::plan::EarlyStopping;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SpecError;

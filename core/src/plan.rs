@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::WorkerError;
+use crate::error::PlanError;
 use crate::loss::{LossKind, Metric};
 use crate::model::ModelSpec;
 use crate::optimizer::{OptimizerConfig, Schedule};
@@ -82,23 +82,22 @@ pub struct TrainingPlan {
 
 impl TrainingPlan {
     /// Parses the plan of an assignment.
-    pub fn from_json(s: &str) -> Result<Self, WorkerError> {
-        let plan: TrainingPlan =
-            serde_json::from_str(s).map_err(|e| WorkerError::Plan(e.to_string()))?;
+    pub fn from_json(s: &str) -> Result<Self, PlanError> {
+        let plan: TrainingPlan = serde_json::from_str(s).map_err(|e| PlanError(e.to_string()))?;
         plan.model
             .validate()
-            .map_err(|(f, m)| WorkerError::Plan(format!("{f}: {m}")))?;
+            .map_err(|(f, m)| PlanError(format!("{f}: {m}")))?;
         if plan.model.input != plan.features {
-            return Err(WorkerError::Plan(format!(
+            return Err(PlanError(format!(
                 "model takes {} inputs but the data has {} features",
                 plan.model.input, plan.features
             )));
         }
         plan.loss
             .check_output(plan.model.outputs(), plan.model.output_activation())
-            .map_err(WorkerError::Plan)?;
+            .map_err(PlanError)?;
         if plan.batch_size == 0 {
-            return Err(WorkerError::Plan("batch size must be positive".into()));
+            return Err(PlanError("batch size must be positive".into()));
         }
         Ok(plan)
     }

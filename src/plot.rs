@@ -104,7 +104,8 @@ pub fn plot_metrics_file(
 }
 
 /// Same, from already-parsed rows (each row is one epoch's JSON object).
-pub fn plot_rows(rows: &[Map<String, Value>], output_png: &Path) -> Result<PlotSummary, PlotError> {
+#[cfg(test)]
+fn plot_rows(rows: &[Map<String, Value>], output_png: &Path) -> Result<PlotSummary, PlotError> {
     render(rows, output_png, "rows")
 }
 

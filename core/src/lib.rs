@@ -1,0 +1,36 @@
+//! ringtrain's shared vocabulary: everything both the coordinator (control plane) and the
+//! worker (data plane) speak, with no tokio, tonic or candle behind it. The coordinator
+//! links this crate instead of the worker's, so the control plane never builds the
+//! compute kernels.
+//!
+//! # Layout
+//! - [`ids`]: `JobId`, `WorkerId`, `Rank`, `Generation`, `Step`.
+//! - [`job_file`]: the job file, parsed and validated ([`error::SpecError`] names the
+//!   field and the fix); [`model`], [`loss`], [`optimizer`]: the parts of it a worker
+//!   needs too (architecture and parameter layout, loss and metric names, optimizer
+//!   settings and schedules).
+//! - [`plan`]: the training plan a worker receives with its assignment.
+//! - [`sharding`]: how epochs split into global batches and batches across ranks;
+//!   [`rng`]: the stable random stream everything seeded draws from.
+//! - [`wire`]: little-endian decoding shared by every hop.
+//! - [`checkpoint`]: the versioned, checksummed checkpoint format and its store;
+//!   [`saved_model`]: the trained model's card (`model.json`) and feature scaling.
+//! - [`privacy`]: the differential-privacy accountant.
+//! - [`error`]: the typed errors.
+
+pub mod checkpoint;
+pub mod error;
+pub mod ids;
+pub mod job_file;
+pub mod loss;
+pub mod model;
+pub mod optimizer;
+pub mod plan;
+pub mod privacy;
+pub mod rng;
+pub mod saved_model;
+pub mod sharding;
+pub mod wire;
+
+pub use error::{CheckpointError, PlanError, SpecError};
+pub use ids::{Generation, JobId, Rank, Step, WorkerId};
