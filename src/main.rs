@@ -402,6 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir,
                 collective_timeout: Duration::from_secs(collective_timeout_secs),
                 data_plane,
+                ..ServerConfig::default()
             };
             ringtrain_coordinator::server::run(config, listener, shutdown_token()).await?;
             Ok(ExitCode::SUCCESS)

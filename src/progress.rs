@@ -126,6 +126,7 @@ pub fn status_json(s: &JobStatus) -> Value {
         "name": s.name,
         "state": s.state,
         "workers": s.workers,
+        "worker_ids": s.worker_ids,
         "epochs": s.epochs,
         "epoch": s.epoch,
         "steps": s.step,

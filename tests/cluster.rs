@@ -69,7 +69,9 @@ fn submit_watch_cancel_then_the_workers_take_the_next_job() {
 fn killing_a_worker_mid_job_fails_the_job_within_30_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let (_serve, coord) = serve(&dir.path().join("data"));
-    let mut workers: Vec<Proc> = (0..3).map(|i| worker(&coord, &format!("w{i}"))).collect();
+    let mut workers: Vec<(Proc, String)> = (0..3)
+        .map(|i| worker_at(&coord, &format!("w{i}")))
+        .collect();
     let long = synthetic_job(dir.path(), "victim", 60_000, 50, 0.0, 0);
     let (ok, v, stderr) = run_json(&["submit", "--coordinator", &coord, long.to_str().unwrap()]);
     assert!(ok, "{stderr}");
@@ -77,7 +79,16 @@ fn killing_a_worker_mid_job_fails_the_job_within_30_seconds() {
     wait_for(Duration::from_secs(30), "the job to make progress", || {
         (status(&coord, &id)["steps"].as_u64().unwrap_or(0) > 50).then_some(())
     });
-    workers[1].0.kill().unwrap();
+    let running = status(&coord, &id);
+    let ids: Vec<String> = running["worker_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3, "{running}");
+    let victim_addr = workers[1].1.clone();
+    (workers[1].0).0.kill().unwrap();
     let killed_at = Instant::now();
     let failed = wait_for(Duration::from_secs(30), "the job to fail", || {
         let s = status(&coord, &id);
@@ -85,13 +96,27 @@ fn killing_a_worker_mid_job_fails_the_job_within_30_seconds() {
     });
     assert!(killed_at.elapsed() < Duration::from_secs(30));
     let err = failed["error"].as_str().unwrap();
-    assert!(
-        err.contains("generation 1") && err.contains("was lost"),
-        "{err}"
+    // The error names the killed worker, its rank and where it was: "worker w-N (rank R,
+    // ADDR) was lost in generation 1", followed by ": rank S reports: ..." when a ring peer
+    // noticed first.
+    assert!(err.contains("was lost in generation 1"), "{err}");
+    let named = err
+        .strip_prefix("worker ")
+        .and_then(|rest| rest.split_once(" (rank "))
+        .and_then(|(w, rest)| {
+            let rank: usize = rest.split([',', ')']).next()?.parse().ok()?;
+            Some((w.to_string(), rank))
+        })
+        .unwrap_or_else(|| panic!("the error should start with the worker and rank: {err}"));
+    assert_eq!(
+        ids[named.1], named.0,
+        "rank {} of generation 1 is {}, but the error names {}: {err}",
+        named.1, ids[named.1], named.0
     );
+    // The named worker is the one that was killed: the error carries its address.
     assert!(
-        err.contains("w-"),
-        "the error should name the worker: {err}"
+        err.contains(&format!("(rank {}, {victim_addr})", named.1)),
+        "the error names another worker's address, not the killed one's ({victim_addr}): {err}"
     );
     // The coordinator keeps serving.
     let (ok, jobs, _) = run_json(&["jobs", "--coordinator", &coord]);

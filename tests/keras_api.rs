@@ -165,6 +165,28 @@ fn csv_binary_job_with_standardization_trains_evaluates_and_predicts() {
         ],
         &["expects 8 features", "has 5"],
     );
+
+    // One flipped bit in the weights: predict and evaluate refuse the model, naming the
+    // file and both hashes, and exit non-zero (no panic).
+    let weights = reg_out.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, &bytes).unwrap();
+    let reg_csv = dir.path().join("reg.csv");
+    std::fs::write(&reg_csv, "a,b,c,d,e,f,g,h\n1,2,3,4,5,6,7,8\n").unwrap();
+    for cmd in ["predict", "evaluate"] {
+        fails_naming(
+            &[
+                cmd,
+                "--model",
+                reg_out.to_str().unwrap(),
+                "--csv",
+                reg_csv.to_str().unwrap(),
+            ],
+            &["model.safetensors does not match model.json", "SHA-256"],
+        );
+    }
 }
 
 fn tiny_regression_job(dir: &Path) -> PathBuf {

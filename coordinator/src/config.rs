@@ -12,6 +12,9 @@ pub struct ServerConfig {
     pub collective_timeout: Duration,
     /// Which transport ring chunks use.
     pub data_plane: DataPlane,
+    /// Largest model (parameters, gradient and optimizer state, in bytes) a job may ask
+    /// a worker to hold; larger ones are refused at submit.
+    pub max_model_bytes: u64,
 }
 
 /// The ring's transport for bulk data.
@@ -45,6 +48,21 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("ringtrain-data"),
             collective_timeout: Duration::from_secs(20),
             data_plane: DataPlane::default(),
+            max_model_bytes: default_max_model_bytes(),
         }
     }
+}
+
+/// Half the machine's memory (from `/proc/meminfo`), or 8 GiB where that cannot be read:
+/// a worker needs room for its data shard and buffers besides the model.
+pub fn default_max_model_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024 / 2)
+        .unwrap_or(8 << 30)
 }

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use futures::Stream;
 use ringtrain_proto::v1::{
     job_service_server::JobService, worker_control_server::WorkerControl, AttachRequest,
-    CheckpointAck, CheckpointUpload, ControlMessage, JobRequest, JobStatus, ListRequest,
+    CheckpointAck, CheckpointPart, ControlMessage, JobRequest, JobStatus, ListRequest,
     ListResponse, ReportAck, ShardChunk, ShardRequest, SubmitRequest, SubmitResponse, WorkerReport,
 };
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -123,10 +122,20 @@ impl WorkerControl for CoordinatorApi {
         if r.collective_addr.is_empty() {
             return Err(Status::invalid_argument("attach: collective_addr is empty"));
         }
-        let rx = self
-            .core
-            .attach(r.collective_addr, r.name, r.data_addr, r.data_local);
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        if r.protocol_version != ringtrain_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "attach: worker {:?} speaks protocol version {}, this coordinator speaks version {}; run the same ringtrain release on both",
+                r.name,
+                r.protocol_version,
+                ringtrain_proto::PROTOCOL_VERSION
+            )));
+        }
+        Ok(Response::new(self.core.attach(
+            r.collective_addr,
+            r.name,
+            r.data_addr,
+            r.data_local,
+        )))
     }
 
     type FetchShardStream = BoxStream<ShardChunk>;
@@ -147,14 +156,14 @@ impl WorkerControl for CoordinatorApi {
     ) -> Result<Response<ReportAck>, Status> {
         let mut stream = request.into_inner();
         while let Some(r) = stream.message().await? {
-            self.core.report(r);
+            self.core.report(r).await;
         }
         Ok(Response::new(ReportAck {}))
     }
 
     async fn upload_checkpoint(
         &self,
-        request: Request<CheckpointUpload>,
+        request: Request<Streaming<CheckpointPart>>,
     ) -> Result<Response<CheckpointAck>, Status> {
         let path = self
             .core

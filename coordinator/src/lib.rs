@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`dataset`]: datasets (synthetic, IDX, CSV, NPY) and normalization; [`csv_table`] and
 //!   [`npy`] read the files with errors that name the place.
-//! - [`jobs`]: ids, the job state machine, the replica check (pure).
+//! - [`job_machine`]: the job state machine and the replica check (pure: events in,
+//!   effects out).
 //! - [`service`]: the [`Coordinator`] core: jobs, workers, scheduling, reports.
 //! - [`grpc`]: tonic adapters; [`server`]: serving on a bound listener.
 //! - [`client`]: a client for the CLI; [`local`]: the embedded single-machine cluster.
@@ -20,7 +21,7 @@ pub mod csv_table;
 pub mod dataset;
 pub mod error;
 pub mod grpc;
-pub mod jobs;
+pub mod job_machine;
 pub mod local;
 pub mod model_input;
 pub mod npy;

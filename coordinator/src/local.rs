@@ -2,11 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ringtrain_proto::v1::JobStatus;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -18,6 +21,56 @@ use crate::service::Coordinator;
 
 /// How long workers get to exit after being told to.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Bytes of a worker's stderr kept for an error message.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+/// The last lines a worker wrote to stderr.
+#[derive(Debug, Default)]
+struct StderrTail(std::collections::VecDeque<String>);
+
+impl StderrTail {
+    fn push(&mut self, line: String) {
+        self.0.push_back(line);
+        while self.0.iter().map(|l| l.len() + 1).sum::<usize>() > STDERR_TAIL_BYTES
+            && self.0.len() > 1
+        {
+            self.0.pop_front();
+        }
+    }
+
+    fn text(&self) -> String {
+        self.0.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Copies a worker's stderr to ours line by line (the user still sees its warnings) and
+/// keeps the tail for an error message.
+async fn forward_stderr(err: ChildStderr, tail: Arc<Mutex<StderrTail>>) {
+    let mut lines = BufReader::new(err).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        eprintln!("{line}");
+        tail.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+    }
+}
+
+/// The error for the first worker process that has exited, with its exit status and the
+/// end of its stderr; `None` while all are running.
+fn exited_early(children: &mut [Child], tails: &[Arc<Mutex<StderrTail>>]) -> Option<String> {
+    for (i, c) in children.iter_mut().enumerate() {
+        if let Ok(Some(status)) = c.try_wait() {
+            let tail = tails
+                .get(i)
+                .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).text())
+                .unwrap_or_default();
+            return Some(format!(
+                "worker process local-{i} exited ({status}) before the job finished; its stderr ends with:\n{}",
+                if tail.is_empty() { "(nothing)" } else { &tail }
+            ));
+        }
+    }
+    None
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -55,6 +108,7 @@ pub async fn run_local(
         data_dir: PathBuf::from("."),
         collective_timeout: opts.collective_timeout,
         data_plane: opts.data_plane,
+        ..ServerConfig::default()
     });
     let job_id = core.submit(req).await?;
     let status = core.get(&job_id.0)?;
@@ -75,8 +129,10 @@ pub async fn run_local(
         (cores / workers.max(1) as usize).max(1).to_string()
     });
     let mut children: Vec<Child> = Vec::new();
+    let mut stderr_tails: Vec<Arc<Mutex<StderrTail>>> = Vec::new();
+    let mut readers = JoinSet::new();
     for i in 0..workers {
-        let child = Command::new(&opts.exe)
+        let mut child = Command::new(&opts.exe)
             .args([
                 "worker",
                 "--coordinator",
@@ -96,12 +152,18 @@ pub async fn run_local(
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(CoordinatorError::io(format!(
                 "starting worker {i} from {}",
                 opts.exe.display()
             )))?;
+        let tail = Arc::new(Mutex::new(StderrTail::default()));
+        if let Some(err) = child.stderr.take() {
+            readers.spawn(forward_stderr(err, tail.clone()));
+        }
+        stderr_tails.push(tail);
         children.push(child);
     }
     info!(job = %job_id, workers, coordinator = %addr, "local cluster started");
@@ -119,9 +181,14 @@ pub async fn run_local(
                 warn!(job = %job_id, "interrupted; cancelling the job");
                 core.cancel(&job_id.0)?;
             }
-            // A worker process that exits early is a failure the coordinator notices
-            // through its stream; polling here only keeps a dead child from going unseen.
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            // A worker that exits after attaching is noticed by the coordinator through
+            // its stream; one that exits before (a bad flag, a crash at start-up) is not a
+            // member of anything, so the job would wait for it forever. Poll for that.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(message) = exited_early(&mut children, &stderr_tails) {
+                    core.fail(&job_id.0, message)?;
+                }
+            }
         }
     };
 
@@ -136,5 +203,73 @@ pub async fn run_local(
     }
     stop.cancel();
     let _ = server.await;
+    // The children are gone, so their stderr pipes are closed and the readers end.
+    let _ = tokio::time::timeout(WORKER_EXIT_GRACE, async {
+        while readers.join_next().await.is_some() {}
+    })
+    .await;
     Ok(final_status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn a_worker_that_dies_before_attaching_fails_the_job_with_its_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("job.toml");
+        std::fs::write(
+            &job,
+            r#"
+name = "t"
+epochs = 1
+batch_size = 8
+workers = 2
+[data]
+train = { format = "synthetic", samples = 64, features = 3, classes = 2 }
+[model]
+input = 3
+layers = [{ dense = 2, activation = "softmax" }]
+[train]
+loss = "sparse_categorical_crossentropy"
+"#,
+        )
+        .unwrap();
+        // A "worker" that fails at start-up, before it could attach.
+        let exe = dir.path().join("broken-worker");
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\necho 'error: cannot bind 127.0.0.1:0: no such device' >&2\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let opts = LocalOptions {
+            job,
+            workers: None,
+            out: Some(dir.path().join("out")),
+            exe,
+            collective_timeout: Duration::from_secs(5),
+            max_steps: None,
+            data_plane: crate::config::DataPlane::Tcp,
+            tcp_only: false,
+        };
+        let status = tokio::time::timeout(
+            Duration::from_secs(30),
+            run_local(opts, |_| {}, CancellationToken::new()),
+        )
+        .await
+        .expect("run_local must not wait forever")
+        .unwrap();
+        assert_eq!(status.state, "failed");
+        assert!(
+            status.error.contains("exited (exit status: 3)")
+                && status
+                    .error
+                    .contains("cannot bind 127.0.0.1:0: no such device"),
+            "{}",
+            status.error
+        );
+    }
 }

@@ -17,6 +17,11 @@ use crate::error::CoordinatorError;
 use crate::grpc::CoordinatorApi;
 use crate::service::Coordinator;
 
+/// How often the coordinator pings each connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long background tasks get to finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -29,6 +34,10 @@ pub async fn serve(
     let api = CoordinatorApi::new(core.clone());
     let result = Server::builder()
         .tcp_nodelay(true)
+        // A worker behind a partition sends nothing and receives nothing; keepalive pings
+        // are what notice it (its attach stream then ends and it is detached).
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(

@@ -1,9 +1,12 @@
-//! The checkpoint store: atomic, checksummed, pruned to the newest N.
+//! The checkpoint format (versioned: [`FORMAT`], [`VERSION`]) and its store: atomic,
+//! checksummed, pruned to the newest N.
 //!
 //! A checkpoint is a directory `step-<step>/` holding
 //! - `state.safetensors`: parameters and optimizer state, one tensor per layer and kind
 //!   (`dense_0.kernel`, `opt.m.dense_0.kernel`, ...);
-//! - `meta.json`: [`CheckpointMeta`] (step, epoch, generation, optimizer t, job-spec hash, ...);
+//! - `meta.json`: [`CheckpointMeta`] (step, epoch, generation, optimizer t, job-spec hash,
+//!   and in [`ResumeState`] everything else a resume needs: the position within the
+//!   epoch, the RNG's seed, early-stopping and schedule state, the privacy ledger);
 //! - `CHECKSUM`: hex SHA-256 over the bytes of `state.safetensors` then `meta.json`.
 //!
 //! It is written into a hidden temporary directory, every file fsynced, then renamed into
@@ -21,12 +24,56 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::CheckpointError;
+use crate::privacy::Ledger;
+
+/// Format marker in `meta.json`.
+pub const FORMAT: &str = "ringtrain.checkpoint";
+/// Version of the format this build writes and reads. Version 1 (before resume state was
+/// recorded) had no `version` field and is refused with a message saying so.
+pub const VERSION: u32 = 2;
+
+/// Early stopping's memory across epochs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStoppingState {
+    /// Best value of the monitored metric so far.
+    pub best: f64,
+    /// Epochs in a row without improvement.
+    pub since_best: u32,
+    /// Whether the best epoch's parameters are saved (tensor group `best`).
+    pub has_best_params: bool,
+}
+
+/// Everything besides parameters and optimizer buffers that a resume needs to continue
+/// exactly as if training had never stopped.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ResumeState {
+    /// Epoch in progress (0-based) when the checkpoint was taken.
+    pub epoch: u32,
+    /// Training examples of that epoch already consumed, over all ranks (the global
+    /// cursor into the epoch's permutation).
+    pub epoch_cursor: u64,
+    /// The job seed. Every random draw in training (initialization, the epoch
+    /// permutations, dropout masks, DP noise) is derived from (seed, epoch, step, sample
+    /// index) rather than from a running generator, so the seed and the counters above
+    /// are the complete RNG state.
+    pub rng_seed: u64,
+    /// The learning-rate schedule's position (0-based step of the next update).
+    pub schedule_step: u64,
+    /// Early stopping's state, when the job uses it.
+    pub early_stopping: Option<EarlyStoppingState>,
+    /// The privacy ledger (steps taken under which noise and sampling rate), when the
+    /// job trains with differential privacy; a resume never resets the budget.
+    pub privacy_ledger: Option<Ledger>,
+}
 
 /// Metadata saved beside the tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
-    /// Format marker.
+    /// [`FORMAT`].
     pub format: String,
+    /// [`VERSION`].
+    #[serde(default)]
+    pub version: u32,
     /// The job.
     pub job_id: String,
     /// Generation that produced it.
@@ -47,6 +94,8 @@ pub struct CheckpointMeta {
     pub final_: bool,
     /// The architecture, so the checkpoint is self-describing.
     pub model: ModelSpec,
+    /// What a resume needs besides the tensors.
+    pub resume: ResumeState,
 }
 
 /// The flat buffers of one training state.
@@ -56,6 +105,8 @@ pub struct TrainingState {
     pub params: Vec<f32>,
     /// Optimizer state buffers in the order of `CheckpointMeta::optimizer_slots`.
     pub slots: Vec<Vec<f32>>,
+    /// Early stopping's best parameters, when it keeps them (`restore_best`).
+    pub best: Option<Vec<f32>>,
 }
 
 /// A checkpoint read back and verified.
@@ -208,6 +259,20 @@ impl CheckpointStore {
                 .map(|n| n.as_str())
                 .zip(state.slots.iter().map(|v| v.as_slice())),
         );
+        let has_best = meta
+            .resume
+            .early_stopping
+            .as_ref()
+            .is_some_and(|e| e.has_best_params);
+        match (&state.best, has_best) {
+            (Some(b), true) => groups.push(("best", b)),
+            (None, false) => {}
+            _ => {
+                return Err(CheckpointError::Invalid(
+                    "the best-epoch parameters and the early-stopping metadata disagree".into(),
+                ))
+            }
+        }
         let tensors = tensors_bytes(&meta.model, &groups)?;
         let meta_bytes = serde_json::to_vec_pretty(meta)
             .map_err(|e| CheckpointError::Serialize(e.to_string()))?;
@@ -307,6 +372,22 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
             "checksum mismatch: the files were changed or truncated".into(),
         ));
     }
+    // The version is read on its own first, so an older checkpoint gets a message that
+    // says so rather than a missing-field error.
+    #[derive(Deserialize)]
+    struct Versioned {
+        format: String,
+        #[serde(default)]
+        version: u32,
+    }
+    let v: Versioned =
+        serde_json::from_slice(&meta_bytes).map_err(|e| corrupt(format!("{META}: {e}")))?;
+    if !v.format.starts_with(FORMAT) || v.version != VERSION {
+        return Err(corrupt(format!(
+            "{META} is format {:?} version {}, this ringtrain reads {FORMAT:?} version {VERSION} (a checkpoint from another release cannot be resumed)",
+            v.format, v.version
+        )));
+    }
     let meta: CheckpointMeta =
         serde_json::from_slice(&meta_bytes).map_err(|e| corrupt(format!("{META}: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&tensors)
@@ -315,9 +396,20 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
     for n in &meta.optimizer_slots {
         slots.push(read_group(&st, &meta.model, &format!("opt.{n}")).map_err(corrupt)?);
     }
+    let has_best = meta
+        .resume
+        .early_stopping
+        .as_ref()
+        .is_some_and(|e| e.has_best_params);
+    let best = if has_best {
+        Some(read_group(&st, &meta.model, "best").map_err(corrupt)?)
+    } else {
+        None
+    };
     let state = TrainingState {
         params: read_group(&st, &meta.model, "").map_err(corrupt)?,
         slots,
+        best,
     };
     Ok(Checkpoint {
         path: path.to_path_buf(),
@@ -333,7 +425,8 @@ mod tests {
 
     fn meta(step: u64) -> CheckpointMeta {
         CheckpointMeta {
-            format: "ringtrain.checkpoint.v1".into(),
+            format: FORMAT.into(),
+            version: VERSION,
             job_id: "j-1".into(),
             generation: 1,
             step,
@@ -347,6 +440,18 @@ mod tests {
                 input: 3,
                 layers: vec![LayerSpec::dense(2, Activation::Softmax)],
             },
+            resume: ResumeState {
+                epoch: 1,
+                epoch_cursor: 96,
+                rng_seed: 11,
+                schedule_step: step,
+                early_stopping: Some(EarlyStoppingState {
+                    best: 0.25,
+                    since_best: 1,
+                    has_best_params: true,
+                }),
+                privacy_ledger: None,
+            },
         }
     }
 
@@ -355,6 +460,7 @@ mod tests {
         TrainingState {
             params: (0..n).map(|i| i as f32 * seed).collect(),
             slots: vec![vec![seed; n], vec![seed * 2.0; n]],
+            best: Some(vec![seed * 3.0; n]),
         }
     }
 
@@ -388,5 +494,20 @@ mod tests {
         fs::write(p.join(TENSORS), bytes).unwrap();
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path().to_path_buf(), 3);
+        let p = store.write(&meta(5), &state(1.0)).unwrap();
+        // Rewrite it as a version-1 checkpoint (no version field), with a valid checksum.
+        let tensors = fs::read(p.join(TENSORS)).unwrap();
+        let text = fs::read_to_string(p.join(META)).unwrap();
+        let old = text.replace("\"version\": 2,", "");
+        fs::write(p.join(META), &old).unwrap();
+        fs::write(p.join(CHECKSUM), checksum(&tensors, old.as_bytes())).unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("version 0") && e.contains("version 2"), "{e}");
     }
 }

@@ -244,6 +244,45 @@ impl JobFile {
         })
     }
 
+    /// Checks that one worker can hold the model: parameters, the gradient, a checkpoint
+    /// copy and the optimizer's state, at 4 bytes a value, must fit in `limit` bytes.
+    /// The error names the largest dense layer, which is the one to shrink.
+    pub fn check_fits(&self, source: &str, limit: u64) -> Result<(), SpecError> {
+        let mut inputs = self.model.input as u128;
+        let mut total: u128 = 0;
+        let mut largest: Option<(usize, u128)> = None;
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let Some(units) = l.dense else { continue };
+            let units = units as u128;
+            let p = inputs * units + if l.use_bias { units } else { 0 };
+            total += p;
+            if largest.is_none_or(|(_, q)| p > q) {
+                largest = Some((i, p));
+            }
+            inputs = units;
+        }
+        let copies = 3 + self.train.optimizer.slot_names().len() as u128;
+        let bytes = total.saturating_mul(4 * copies);
+        if bytes <= limit as u128 {
+            return Ok(());
+        }
+        let field = match largest {
+            Some((i, _)) => format!("model.layers[{i}].dense"),
+            None => "model".to_string(),
+        };
+        Err(SpecError {
+            file: source.to_string(),
+            field,
+            message: format!(
+                "the model has {total} parameters; with the gradient, a checkpoint copy and \
+                 the optimizer's state a worker would hold about {}, over the {} it may hold \
+                 (use fewer units)",
+                human_bytes(bytes),
+                human_bytes(limit as u128)
+            ),
+        })
+    }
+
     /// Checks everything that can be checked without reading the data, and that dataset
     /// files exist (resolved against `base`).
     pub fn validate(&self, source: &str, base: &Path) -> Result<(), SpecError> {
@@ -448,6 +487,23 @@ mod tests {
     }
 
     #[test]
+    fn a_model_too_large_for_a_worker_is_refused_naming_the_layer_and_size() {
+        let text = SEED.replacen("dense = 64", "dense = 4000000000", 1);
+        let j = JobFile::parse(&text, "big.toml").unwrap();
+        // The seed model (about 11k parameters) fits in 1 MiB; the big one does not fit
+        // in 16 GiB.
+        JobFile::parse(SEED, "seed-mlp.toml")
+            .unwrap()
+            .check_fits("seed-mlp.toml", 1 << 20)
+            .unwrap();
+        let e = j.check_fits("big.toml", 16 << 30).unwrap_err().to_string();
+        assert!(e.starts_with("big.toml: model.layers[0].dense: "), "{e}");
+        // (100 + 1) * 4e9 + (4e9 + 1) * 64 + 650 parameters, 5 copies (adam: m and v).
+        assert!(e.contains("the model has 660000000714 parameters"), "{e}");
+        assert!(e.contains("12.0 TiB") && e.contains("16.0 GiB"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_names_its_place() {
         let text = SEED.replace("epochs = 10", "epochs = 10\nepochz = 3");
         let e = JobFile::parse(&text, "job.toml").unwrap_err().to_string();
@@ -550,5 +606,21 @@ early_stopping = { monitor = "val_accuracy", patience = 2, restore_best = true }
         })
         .unwrap_err();
         assert_eq!(e.field, "train.optimizer.rho");
+    }
+}
+
+/// `bytes` in binary units, for messages ("5.8 TiB").
+fn human_bytes(bytes: u128) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }

@@ -61,6 +61,12 @@ pub fn serve(data_dir: &Path) -> (Proc, String) {
 
 /// A worker attached to `coordinator`.
 pub fn worker(coordinator: &str, name: &str) -> Proc {
+    worker_at(coordinator, name).0
+}
+
+/// A worker process and the collective address it listens on (what the coordinator
+/// knows it by).
+pub fn worker_at(coordinator: &str, name: &str) -> (Proc, String) {
     spawn_listening(&[
         "worker",
         "--coordinator",
@@ -70,7 +76,6 @@ pub fn worker(coordinator: &str, name: &str) -> Proc {
         "--name",
         name,
     ])
-    .0
 }
 
 /// Runs the CLI to completion.

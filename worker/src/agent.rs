@@ -26,6 +26,9 @@ use crate::trainer::{run_blocking, JobContext};
 
 /// How long a shutting-down worker waits for its job to wind down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Longest a cancelled job may take to stop (a collective deadline and an upload
+/// deadline, with room to spare).
+const STOP_LIMIT: Duration = Duration::from_secs(90);
 
 struct RunningJob {
     job_id: String,
@@ -99,7 +102,7 @@ pub async fn run(
             Err(e) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if config.reconnect_limit.is_some_and(|l| since.elapsed() >= l) {
-                    stop_job(&mut running).await;
+                    stop_job(&mut running).await?;
                     server_stop.cancel();
                     let _ = server.await;
                     return Err(e);
@@ -123,10 +126,18 @@ pub async fn run(
                 name: config.name.clone(),
                 data_addr: data_advertise.clone(),
                 data_local: data_local.clone(),
+                protocol_version: ringtrain_proto::PROTOCOL_VERSION,
             })
             .await
         {
             Ok(r) => r.into_inner(),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                // A coordinator of another protocol version: retrying cannot help.
+                stop_job(&mut running).await?;
+                server_stop.cancel();
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+                return Err(WorkerError::Refused(status.message().to_string()));
+            }
             Err(status) => {
                 warn!(%status, "attach refused; retrying");
                 tokio::select! {
@@ -148,19 +159,29 @@ pub async fn run(
                 Ok(Some(m)) => m.kind,
                 Ok(None) | Err(_) => {
                     warn!("lost the coordinator; cancelling any job and reattaching");
-                    stop_job(&mut running).await;
+                    stop_job(&mut running).await?;
                     continue 'connect;
                 }
             };
             match kind {
                 Some(control_message::Kind::Registered(r)) => {
+                    if r.protocol_version != ringtrain_proto::PROTOCOL_VERSION {
+                        stop_job(&mut running).await?;
+                        server_stop.cancel();
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+                        return Err(WorkerError::Refused(format!(
+                            "the coordinator speaks protocol version {}, this worker speaks version {}; run the same ringtrain release on both",
+                            r.protocol_version,
+                            ringtrain_proto::PROTOCOL_VERSION
+                        )));
+                    }
                     info!(worker_id = %r.worker_id, "registered with the coordinator");
                     worker_id = r.worker_id;
                 }
                 Some(control_message::Kind::Assignment(mut a)) => {
                     // One job at a time: a previous job was cancelled before this
                     // assignment was sent, so wait for it to wind down first.
-                    stop_job(&mut running).await;
+                    stop_job(&mut running).await?;
                     if !config.local_socket {
                         // --tcp-only: do not dial neighbours' same-host sockets either.
                         a.data_locals.clear();
@@ -189,14 +210,14 @@ pub async fn run(
             }
         }
     }
-    stop_job(&mut running).await;
+    let stopped = stop_job(&mut running).await;
     server_stop.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, data_task).await;
     if let Some(task) = local_task {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
     }
-    Ok(())
+    stopped
 }
 
 fn start_job(
@@ -262,17 +283,27 @@ fn start_job(
 
 /// Cancels the running job and waits until its thread has returned: a blocking task
 /// cannot be aborted, and two jobs must never share this worker. Every collective and
-/// RPC it may be in has a deadline, so the wait is bounded.
-async fn stop_job(running: &mut Option<RunningJob>) {
-    if let Some(mut r) = running.take() {
-        r.cancel.cancel();
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut r.task)
-            .await
-            .is_err()
-        {
-            warn!(job = %r.job_id, "job is still winding down; waiting for it");
-            let _ = r.task.await;
-        }
+/// RPC it may be in has a deadline, so it normally returns within one of them; the wait
+/// is capped at [`STOP_LIMIT`] all the same, and a job still running then is an error
+/// (the caller exits rather than start a second job beside it).
+async fn stop_job(running: &mut Option<RunningJob>) -> Result<(), WorkerError> {
+    let Some(mut r) = running.take() else {
+        return Ok(());
+    };
+    r.cancel.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut r.task)
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    warn!(job = %r.job_id, "job is still winding down; waiting for it");
+    match tokio::time::timeout(STOP_LIMIT - SHUTDOWN_GRACE, &mut r.task).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(WorkerError::Stuck {
+            job: r.job_id.clone(),
+            waited: STOP_LIMIT,
+        }),
     }
 }
 

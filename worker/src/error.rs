@@ -72,6 +72,18 @@ pub enum WorkerError {
         /// What is wrong and what to do.
         message: String,
     },
+    /// The coordinator and this worker cannot work together (protocol versions differ).
+    #[error("refused by the coordinator: {0}")]
+    Refused(String),
+    /// A cancelled job did not stop in time; the worker exits rather than run a second
+    /// job beside it.
+    #[error("job {job} did not stop within {waited:?} of being cancelled")]
+    Stuck {
+        /// The job.
+        job: String,
+        /// How long it was given.
+        waited: std::time::Duration,
+    },
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringtrain_proto::v1::{
-    worker_control_client::WorkerControlClient, worker_report, Assignment, CheckpointUpload,
-    EpochReport, EpochSummary, Failure, Finished, ShardRequest, Slot, Split, StepReport,
-    WorkerReport,
+    checkpoint_part, worker_control_client::WorkerControlClient, worker_report, Assignment,
+    CheckpointData, CheckpointHeader, CheckpointPart, EpochReport, EpochSummary, Failure, Finished,
+    ShardRequest, Split, StepReport, WorkerReport,
 };
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -28,6 +28,7 @@ use crate::model::{DropoutKey, Mlp};
 use crate::optimizer::{clip_by_global_norm, Optimizer};
 use crate::plan::TrainingPlan;
 use crate::sharding;
+use ringtrain_core::checkpoint::{EarlyStoppingState, ResumeState};
 
 /// Reports buffered towards the coordinator before the step loop waits.
 const REPORT_CAPACITY: usize = 1024;
@@ -259,44 +260,61 @@ fn named(
 /// A checkpoint upload in flight.
 type Upload = tokio::task::JoinHandle<Result<(), WorkerError>>;
 
-/// Starts uploading a copy of the state and returns at once: rank 0 keeps stepping (its
-/// peers would otherwise wait in the next all-reduce for as long as the coordinator
-/// takes to write and fsync) while the copy travels.
-fn upload(
-    ctx: &JobContext,
-    params: &[f32],
-    opt: &Optimizer,
+/// What a checkpoint records besides the parameters and optimizer state.
+struct Snapshot<'a> {
     step: u64,
+    /// Epochs completed (the final checkpoint) or the epoch in progress (periodic ones).
     epoch: u32,
     final_: bool,
-) -> Upload {
-    let _span = info_span!("checkpoint", step, final_).entered();
+    resume: ResumeState,
+    best: Option<&'a [f32]>,
+}
+
+/// Bytes per checkpoint chunk message.
+const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
+
+/// Starts uploading a copy of the state and returns at once: rank 0 keeps stepping (its
+/// peers would otherwise wait in the next all-reduce for as long as the coordinator
+/// takes to write and fsync) while the copy travels, streamed in chunks.
+fn upload(ctx: &JobContext, params: &[f32], opt: &Optimizer, snap: Snapshot<'_>) -> Upload {
+    let _span = info_span!("checkpoint", step = snap.step, final_ = snap.final_).entered();
     let a = &ctx.assignment;
-    let req = CheckpointUpload {
+    let mut buffers: Vec<(String, &[f32])> = vec![("params".into(), params)];
+    for (name, data) in opt.config.slot_names().iter().zip(&opt.slots) {
+        buffers.push((format!("opt.{name}"), data));
+    }
+    if let Some(b) = snap.best {
+        buffers.push(("best".into(), b));
+    }
+    let header = CheckpointHeader {
         job_id: a.job_id.clone(),
         generation: a.generation,
-        step,
-        epoch,
-        r#final: final_,
-        params: Bytes::copy_from_slice(bytemuck::cast_slice(params)),
-        slots: opt
-            .config
-            .slot_names()
-            .iter()
-            .zip(&opt.slots)
-            .map(|(name, data)| Slot {
-                name: name.to_string(),
-                data: Bytes::copy_from_slice(bytemuck::cast_slice(data)),
-            })
-            .collect(),
+        step: snap.step,
+        epoch: snap.epoch,
+        r#final: snap.final_,
         optimizer_t: opt.t,
         param_hash: crate::param_hash(params),
         worker_id: ctx.worker_id.clone(),
+        buffers: buffers.iter().map(|(n, _)| n.clone()).collect(),
+        resume_json: serde_json::to_string(&snap.resume).unwrap_or_default(),
     };
+    let mut parts = vec![CheckpointPart {
+        kind: Some(checkpoint_part::Kind::Header(header)),
+    }];
+    for (i, (_, data)) in buffers.iter().enumerate() {
+        for chunk in bytemuck::cast_slice::<f32, u8>(data).chunks(CHECKPOINT_CHUNK_BYTES) {
+            parts.push(CheckpointPart {
+                kind: Some(checkpoint_part::Kind::Data(CheckpointData {
+                    buffer: i as u32,
+                    data: Bytes::copy_from_slice(chunk),
+                })),
+            });
+        }
+    }
     let mut control = ctx.control.clone();
     ctx.handle.spawn(async move {
         control
-            .upload_checkpoint(req)
+            .upload_checkpoint(tokio_stream::iter(parts))
             .await
             .map(|_| ())
             .map_err(|s| WorkerError::Coordinator {
@@ -304,6 +322,31 @@ fn upload(
                 status: s.to_string(),
             })
     })
+}
+
+/// Early stopping's state for a checkpoint.
+fn early_state(
+    plan: &TrainingPlan,
+    best: &Option<(f64, Vec<f32>)>,
+    since_best: u32,
+) -> Option<EarlyStoppingState> {
+    let es = plan.early_stopping.as_ref()?;
+    Some(EarlyStoppingState {
+        best: best.as_ref().map(|(v, _)| *v).unwrap_or(f64::NAN),
+        since_best,
+        has_best_params: es.restore_best && best.as_ref().is_some_and(|(_, p)| !p.is_empty()),
+    })
+}
+
+/// The best epoch's parameters when early stopping keeps them.
+fn best_params<'a>(plan: &TrainingPlan, best: &'a Option<(f64, Vec<f32>)>) -> Option<&'a [f32]> {
+    let keep = plan
+        .early_stopping
+        .as_ref()
+        .is_some_and(|es| es.restore_best);
+    best.as_ref()
+        .filter(|(_, p)| keep && !p.is_empty())
+        .map(|(_, p)| p.as_slice())
 }
 
 /// Waits for an upload started by [`upload`].
@@ -415,6 +458,8 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         let mut epoch_sums = MetricSums::new(classes);
         let mut penalty_sum = 0.0;
         let mut cursor = 0usize;
+        // Examples of this epoch consumed over all ranks (the global cursor).
+        let mut cursor_global = 0usize;
         for &rows in &lens {
             if ctx.cancel.is_cancelled() {
                 return Err(WorkerError::Cancelled);
@@ -483,11 +528,26 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 // One upload at a time: the previous one has had `checkpoint_every`
                 // steps to finish.
                 finish_upload(ctx, pending_upload.take())?;
-                pending_upload = Some(upload(ctx, &params, &opt, step, epoch, false));
+                let snap = Snapshot {
+                    step,
+                    epoch,
+                    final_: false,
+                    resume: ResumeState {
+                        epoch,
+                        epoch_cursor: (cursor_global + m as usize) as u64,
+                        rng_seed: plan.seed,
+                        schedule_step: step,
+                        early_stopping: early_state(plan, &best, since_best),
+                        privacy_ledger: None,
+                    },
+                    best: best_params(plan, &best),
+                };
+                pending_upload = Some(upload(ctx, &params, &opt, snap));
             }
             timing.total += t_step.elapsed().as_secs_f64();
             timing.steps += 1;
             timing.samples += m;
+            cursor_global += m as usize;
         }
         let seconds = started.elapsed().as_secs_f64();
         let mut values = named(
@@ -559,9 +619,9 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             break;
         }
     }
-    if let (Some(es), Some((_, best_params))) = (&plan.early_stopping, best) {
+    if let (Some(es), Some((_, best_params))) = (&plan.early_stopping, &best) {
         if es.restore_best && !best_params.is_empty() {
-            params = best_params;
+            params = best_params.clone();
         }
     }
     let mut test_metrics = Vec::new();
@@ -572,10 +632,21 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
     }
     if rank == 0 {
         finish_upload(ctx, pending_upload.take())?;
-        finish_upload(
-            ctx,
-            Some(upload(ctx, &params, &opt, step, epochs_done, true)),
-        )?;
+        let snap = Snapshot {
+            step,
+            epoch: epochs_done,
+            final_: true,
+            resume: ResumeState {
+                epoch: epochs_done,
+                epoch_cursor: 0,
+                rng_seed: plan.seed,
+                schedule_step: step,
+                early_stopping: early_state(plan, &best, since_best),
+                privacy_ledger: None,
+            },
+            best: best_params(plan, &best),
+        };
+        finish_upload(ctx, Some(upload(ctx, &params, &opt, snap)))?;
     }
     ctx.handle.block_on(ring.close());
     let get = |k: &str| test_metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);

@@ -1,15 +1,21 @@
-//! The coordinator's core: jobs, workers, scheduling, reports, checkpoints.
+//! The coordinator's core: the shell around the job state machine. It holds jobs and
+//! workers, turns what arrives (submits, attaches, reports, uploads) into
+//! [`job_machine::Event`]s, and carries out the [`Effect`]s the machine returns: sending
+//! assignments and cancellations down workers' attach streams, writing checkpoints,
+//! publishing status.
 //!
 //! State lives behind one `std::sync::Mutex`: every section is short bookkeeping and none
 //! is held across an `.await` (file writes and data loading run on blocking threads,
-//! outside the lock). Workers are reached through their attach streams.
+//! outside the lock).
 //!
 //! # Layout
-//! - this file: the state, jobs (submit, cancel, the scheduler) and workers (attach,
-//!   detach);
+//! - this file: the state, the effect executor, jobs (submit, cancel, the scheduler) and
+//!   workers (attach, detach);
 //! - [`reports`]: what workers send back: step/epoch reports, checkpoints, shard requests;
 //! - [`job_data`]: loading and normalizing a job's datasets;
 //! - [`outputs`]: the files a run leaves (metrics.jsonl, model.json, model.safetensors).
+//!
+//! [`job_machine::Event`]: crate::job_machine::Event
 
 mod job_data;
 mod outputs;
@@ -18,17 +24,22 @@ mod reports;
 use job_data::load_data;
 pub use job_data::JobData;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures::Stream;
+use futures::StreamExt;
 use ringtrain_core::plan::TrainingPlan;
+use ringtrain_core::{Generation, JobId, Rank, WorkerId};
 use ringtrain_proto::v1::{
     control_message, Assignment, CancelJob, ControlMessage, JobStatus, Metrics, Registered,
     Shutdown, SubmitRequest,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tracing::{info, warn};
@@ -37,13 +48,14 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::ServerConfig;
 use crate::error::CoordinatorError;
 use crate::job_file::JobFile;
-use crate::jobs::{JobId, JobState, ReplicaCheck, WorkerId};
+use crate::job_machine::{Effect, Event, JobMachine, JobState, LossPolicy};
 
-/// Control messages buffered per worker.
+/// Control messages buffered per worker. A worker reads its stream continuously, so a
+/// full buffer means it is stuck: it is dropped rather than sent to silently.
 const CONTROL_CAPACITY: usize = 16;
 
-/// What the attach stream carries.
-pub type ControlStream = mpsc::Receiver<Result<ControlMessage, Status>>;
+/// What the attach stream carries; it ends when the coordinator drops the worker.
+pub type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
 #[derive(Debug)]
 struct WorkerEntry {
@@ -52,43 +64,50 @@ struct WorkerEntry {
     data_local: String,
     name: String,
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
+    /// Ends the worker's attach stream when the coordinator gives up on it.
+    kick: CancellationToken,
     job: Option<JobId>,
 }
 
 #[derive(Debug)]
 struct JobEntry {
+    id: JobId,
     file: JobFile,
     spec_hash: String,
     plan: TrainingPlan,
+    /// The plan as sent in every assignment (encoded once, at submit).
+    plan_json: String,
     data: Arc<JobData>,
-    state: JobState,
-    generation: u64,
-    members: Vec<WorkerId>,
-    replica: ReplicaCheck,
+    machine: JobMachine,
     status: watch::Sender<JobStatus>,
     out_dir: PathBuf,
     store: CheckpointStore,
-    final_checkpoint: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    jobs: BTreeMap<u64, (JobId, JobEntry)>,
-    job_index: std::collections::HashMap<String, u64>,
+    jobs: BTreeMap<u64, JobEntry>,
+    job_index: HashMap<JobId, u64>,
     workers: BTreeMap<u64, (WorkerId, WorkerEntry)>,
     next_job: u64,
     next_worker: u64,
+    /// Workers whose control stream failed while effects ran; dropped by
+    /// [`Coordinator::settle`] once the current effects are done.
+    unreachable: Vec<WorkerId>,
 }
 
 impl State {
+    fn job_number(&self, id: &str) -> Result<u64, CoordinatorError> {
+        self.job_index
+            .get(&JobId::from(id))
+            .copied()
+            .ok_or_else(|| CoordinatorError::UnknownJob(id.to_string()))
+    }
+
     fn job(&mut self, id: &str) -> Result<&mut JobEntry, CoordinatorError> {
-        let n = *self
-            .job_index
-            .get(id)
-            .ok_or_else(|| CoordinatorError::UnknownJob(id.to_string()))?;
+        let n = self.job_number(id)?;
         self.jobs
             .get_mut(&n)
-            .map(|(_, j)| j)
             .ok_or_else(|| CoordinatorError::UnknownJob(id.to_string()))
     }
 
@@ -96,6 +115,27 @@ impl State {
         parse_num(&id.0, "w-")
             .and_then(|n| self.workers.get_mut(&n))
             .map(|(_, w)| w)
+    }
+
+    /// Queues a control message for a worker. A full or closed stream marks the worker
+    /// unreachable (it is dropped once the current effects are done); nothing is
+    /// dropped silently.
+    fn send_control(&mut self, id: &WorkerId, kind: control_message::Kind) -> bool {
+        let Some(w) = self.worker(id) else {
+            return false;
+        };
+        match w.tx.try_send(Ok(ControlMessage { kind: Some(kind) })) {
+            Ok(()) => true,
+            Err(e) => {
+                let why = match e {
+                    mpsc::error::TrySendError::Full(_) => "its control stream is full",
+                    mpsc::error::TrySendError::Closed(_) => "its control stream is closed",
+                };
+                warn!(worker = %id, reason = why, "worker unreachable; dropping it");
+                self.unreachable.push(id.clone());
+                false
+            }
+        }
     }
 }
 
@@ -117,17 +157,15 @@ pub struct Coordinator {
 impl Coordinator {
     /// A coordinator with no jobs and no workers.
     pub fn new(config: ServerConfig) -> Arc<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let epoch_tag = format!(
-            "{:04x}",
-            (nanos as u64 ^ (nanos >> 64) as u64 ^ std::process::id() as u64) & 0xffff
-        );
+        let tag = random_bytes::<2>()
+            .map(u16::from_le_bytes)
+            .unwrap_or_else(|_| {
+                // No OS entropy: the process id still keeps two live coordinators apart.
+                std::process::id() as u16
+            });
         Arc::new(Coordinator {
             config,
-            epoch_tag,
+            epoch_tag: format!("{tag:04x}"),
             state: Mutex::new(State::default()),
             tasks: TaskTracker::new(),
         })
@@ -142,6 +180,179 @@ impl Coordinator {
     /// Background tasks (attach watchers), for a bounded shutdown.
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks
+    }
+
+    // ------------------------------------------------------------------ the shell
+
+    /// Feeds one event to job `n`'s machine and carries out its effects. Returns the
+    /// effects the caller must carry out itself (checkpoint writes, which leave the lock).
+    fn apply(&self, st: &mut State, n: u64, event: Event) -> Vec<Effect> {
+        let Some(job) = st.jobs.get_mut(&n) else {
+            return Vec::new();
+        };
+        let effects = job.machine.handle(event);
+        let mut deferred = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::SendAssignment {
+                    generation,
+                    members,
+                    resume_from,
+                } => {
+                    if let Err(message) = self.send_assignments(st, n, generation, &members) {
+                        let more = self.apply(st, n, Event::Fault { message });
+                        deferred.extend(more);
+                    } else {
+                        info!(job = ?st.jobs.get(&n).map(|j| &j.id), generation = generation.0, from_step = resume_from.0, workers = ?members, "generation started");
+                    }
+                }
+                Effect::CancelGeneration {
+                    generation,
+                    workers,
+                    reason,
+                } => {
+                    let Some(id) = st.jobs.get(&n).map(|j| j.id.clone()) else {
+                        continue;
+                    };
+                    for w in workers {
+                        if let Some(entry) = st.worker(&w) {
+                            if entry.job.as_ref() == Some(&id) {
+                                entry.job = None;
+                            }
+                        }
+                        st.send_control(
+                            &w,
+                            control_message::Kind::Cancel(CancelJob {
+                                job_id: id.0.clone(),
+                                generation: generation.0,
+                                reason: reason.clone(),
+                            }),
+                        );
+                    }
+                }
+                Effect::Release { workers } => {
+                    for w in workers {
+                        if let Some(entry) = st.worker(&w) {
+                            entry.job = None;
+                        }
+                    }
+                }
+                Effect::EndJob { state, error } => {
+                    if let Some(job) = st.jobs.get(&n) {
+                        let generation = job.machine.generation().0;
+                        match &error {
+                            Some(e) => {
+                                warn!(job = %job.id, generation, error = %e, "job failed")
+                            }
+                            None => {
+                                info!(job = %job.id, generation, state = state.as_str(), "job ended")
+                            }
+                        }
+                    }
+                }
+                e @ Effect::WriteCheckpoint { .. } => deferred.push(e),
+            }
+        }
+        if let Some(job) = st.jobs.get(&n) {
+            publish(job);
+        }
+        deferred
+    }
+
+    /// Sends every member its assignment for `generation`, with a fresh ring token.
+    fn send_assignments(
+        &self,
+        st: &mut State,
+        n: u64,
+        generation: Generation,
+        members: &[WorkerId],
+    ) -> Result<(), String> {
+        let Some(job) = st.jobs.get(&n) else {
+            return Ok(());
+        };
+        let (id, plan_json) = (job.id.clone(), job.plan_json.clone());
+        let mut peers = Vec::new();
+        let mut data_peers = Vec::new();
+        let mut data_locals = Vec::new();
+        for m in members {
+            let w = st
+                .worker(m)
+                .ok_or_else(|| format!("worker {m} left before its assignment was sent"))?;
+            peers.push(w.addr.clone());
+            data_peers.push(w.data_addr.clone());
+            data_locals.push(w.data_local.clone());
+        }
+        // Plain-socket data plane only when configured and every member offers one; the
+        // token is fresh per generation, so a stale or foreign connection is refused.
+        let use_sockets = self.config.data_plane == crate::config::DataPlane::Tcp
+            && data_peers.iter().all(|d| !d.is_empty());
+        let (data_peers, data_locals, ring_token) = if use_sockets {
+            let token = random_bytes::<16>()
+                .map_err(|e| format!("cannot draw the generation's ring token: {e}"))?;
+            (data_peers, data_locals, token.to_vec())
+        } else {
+            (Vec::new(), Vec::new(), Vec::new())
+        };
+        for (rank, m) in members.iter().enumerate() {
+            if let Some(w) = st.worker(m) {
+                w.job = Some(id.clone());
+            }
+            let a = Assignment {
+                job_id: id.0.clone(),
+                generation: generation.0,
+                rank: rank as u32,
+                world: members.len() as u32,
+                peers: peers.clone(),
+                plan_json: plan_json.clone(),
+                data_peers: data_peers.clone(),
+                ring_token: ring_token.clone().into(),
+                data_locals: data_locals.clone(),
+            };
+            if !st.send_control(m, control_message::Kind::Assignment(a)) {
+                return Err(format!(
+                    "could not deliver generation {generation}'s assignment to worker {m} (rank {rank})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops unreachable workers (feeding their loss to their jobs), then starts every
+    /// waiting job that now has enough idle workers. Called at the end of every public
+    /// operation that may have changed membership or freed workers.
+    fn settle(&self, st: &mut State) {
+        loop {
+            while let Some(id) = st.unreachable.pop() {
+                self.forget_worker(st, &id);
+            }
+            self.schedule(st);
+            if st.unreachable.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Offers idle workers to waiting jobs, oldest job first. A job that cannot start
+    /// blocks later ones (FIFO: a later, smaller job does not jump the queue).
+    fn schedule(&self, st: &mut State) {
+        let waiting: Vec<u64> = st
+            .jobs
+            .iter()
+            .filter(|(_, j)| matches!(j.machine.state(), JobState::Submitted | JobState::Waiting))
+            .map(|(n, _)| *n)
+            .collect();
+        for n in waiting {
+            let idle: Vec<WorkerId> = st
+                .workers
+                .values()
+                .filter(|(_, w)| w.job.is_none())
+                .map(|(id, _)| id.clone())
+                .collect();
+            self.apply(st, n, Event::WorkersAvailable { idle });
+            if st.jobs.get(&n).map(|j| j.machine.state()) == Some(JobState::Waiting) {
+                break;
+            }
+        }
     }
 
     // ------------------------------------------------------------------ jobs
@@ -163,6 +374,7 @@ impl Coordinator {
             file.workers = req.workers;
         }
         file.validate(&source, &base)?;
+        file.check_fits(&source, self.config.max_model_bytes)?;
         let file = file.resolved(&base);
         let data = {
             let f = file.clone();
@@ -206,11 +418,13 @@ impl Coordinator {
                     / data.train.rows().max(1) as f64
             },
         };
+        let plan_json = serde_json::to_string(&plan)
+            .map_err(|e| CoordinatorError::Serialize(format!("the training plan: {e}")))?;
         let mut st = self.lock();
         st.next_job += 1;
         let n = st.next_job;
         let id = JobId(format!("j-{n}-{}", self.epoch_tag));
-        st.job_index.insert(id.0.clone(), n);
+        st.job_index.insert(id.clone(), n);
         let out_dir = if req.out_dir.is_empty() {
             self.config
                 .data_dir
@@ -237,21 +451,19 @@ impl Coordinator {
         let store = CheckpointStore::new(out_dir.join("checkpoints"), file.checkpoint.keep);
         info!(job = %id, name = %file.name, workers = file.workers, "job submitted");
         let entry = JobEntry {
-            replica: ReplicaCheck::new(file.workers as usize),
+            id: id.clone(),
+            machine: JobMachine::new(file.workers as usize, LossPolicy::Fail),
             file,
             spec_hash,
             plan,
+            plan_json,
             data: Arc::new(data),
-            state: JobState::Submitted,
-            generation: 0,
-            members: Vec::new(),
             status: watch::channel(status).0,
             out_dir,
             store,
-            final_checkpoint: None,
         };
-        st.jobs.insert(n, (id.clone(), entry));
-        self.schedule(&mut st);
+        st.jobs.insert(n, entry);
+        self.settle(&mut st);
         Ok(id)
     }
 
@@ -265,7 +477,7 @@ impl Coordinator {
         self.lock()
             .jobs
             .values()
-            .map(|(_, j)| j.status.borrow().clone())
+            .map(|j| j.status.borrow().clone())
             .collect()
     }
 
@@ -277,146 +489,25 @@ impl Coordinator {
     /// Cancels a job; a running job's workers are told to stop and become free.
     pub fn cancel(&self, id: &str) -> Result<JobStatus, CoordinatorError> {
         let mut st = self.lock();
-        let state = st.job(id)?.state;
-        if !state.is_terminal() {
+        let n = st.job_number(id)?;
+        if !st.job(id)?.machine.state().is_terminal() {
             info!(job = %id, "job cancelled by user");
-            self.end_job(&mut st, id, JobState::Cancelled, None);
-            self.schedule(&mut st);
         }
+        self.apply(&mut st, n, Event::Cancel);
+        self.settle(&mut st);
         let status = st.job(id)?.status.borrow().clone();
         Ok(status)
     }
 
-    /// Moves a job to a terminal state, releasing (and, unless it completed, cancelling)
-    /// its workers.
-    fn end_job(&self, st: &mut State, id: &str, state: JobState, error: Option<String>) {
-        let Ok(job) = st.job(id) else { return };
-        if job.state.is_terminal() || !job.state.can_move_to(state) {
-            return;
-        }
-        job.state = state;
-        let members = std::mem::take(&mut job.members);
-        let generation = job.generation;
-        job.status.send_modify(|s| {
-            s.state = state.as_str().into();
-            if let Some(e) = &error {
-                s.error = e.clone();
-            }
-        });
-        match (&error, state) {
-            (Some(e), _) => warn!(job = %id, generation, error = %e, "job failed"),
-            (None, s) => info!(job = %id, generation, state = s.as_str(), "job ended"),
-        }
-        for w in members {
-            if let Some(worker) = st.worker(&w) {
-                worker.job = None;
-                if state != JobState::Completed {
-                    let msg = ControlMessage {
-                        kind: Some(control_message::Kind::Cancel(CancelJob {
-                            job_id: id.to_string(),
-                            generation,
-                            reason: state.as_str().into(),
-                        })),
-                    };
-                    let _ = worker.tx.try_send(Ok(msg));
-                }
-            }
-        }
-    }
-
-    /// Starts every waiting job that now has enough idle workers (FIFO).
-    fn schedule(&self, st: &mut State) {
-        let waiting: Vec<u64> = st
-            .jobs
-            .iter()
-            .filter(|(_, (_, j))| matches!(j.state, JobState::Submitted | JobState::Waiting))
-            .map(|(n, _)| *n)
-            .collect();
-        for n in waiting {
-            let idle: Vec<u64> = st
-                .workers
-                .iter()
-                .filter(|(_, (_, w))| w.job.is_none())
-                .map(|(k, _)| *k)
-                .collect();
-            let Some((id, job)) = st.jobs.get_mut(&n) else {
-                continue;
-            };
-            let id = id.clone();
-            let need = job.file.workers as usize;
-            if idle.len() < need {
-                if job.state == JobState::Submitted {
-                    job.state = JobState::Waiting;
-                    job.status
-                        .send_modify(|s| s.state = JobState::Waiting.as_str().into());
-                }
-                // FIFO: a later, smaller job does not jump the queue.
-                break;
-            }
-            let chosen = &idle[..need];
-            let plan_json = match serde_json::to_string(&job.plan) {
-                Ok(p) => p,
-                Err(e) => {
-                    let msg = format!("cannot encode the training plan: {e}");
-                    self.end_job(st, &id.0, JobState::Failed, Some(msg));
-                    continue;
-                }
-            };
-            job.generation += 1;
-            job.state = JobState::Running;
-            job.replica = ReplicaCheck::new(need);
-            let generation = job.generation;
-            let mut members = Vec::new();
-            let mut peers = Vec::new();
-            let mut data_peers = Vec::new();
-            let mut data_locals = Vec::new();
-            for k in chosen {
-                if let Some((wid, w)) = st.workers.get(k) {
-                    members.push(wid.clone());
-                    peers.push(w.addr.clone());
-                    data_peers.push(w.data_addr.clone());
-                    data_locals.push(w.data_local.clone());
-                }
-            }
-            // TCP data plane only when configured and every member offers one; the token
-            // is fresh per generation, so a stale or foreign connection is refused.
-            let use_tcp = self.config.data_plane == crate::config::DataPlane::Tcp
-                && data_peers.iter().all(|d| !d.is_empty());
-            let (data_peers, data_locals, ring_token) = if use_tcp {
-                (data_peers, data_locals, random_token().to_vec())
-            } else {
-                (Vec::new(), Vec::new(), Vec::new())
-            };
-            let Some((_, job)) = st.jobs.get_mut(&n) else {
-                continue;
-            };
-            job.members = members.clone();
-            job.status.send_modify(|s| {
-                s.state = JobState::Running.as_str().into();
-                s.generation = generation;
-                s.worker_ids = members.iter().map(|m| m.0.clone()).collect();
-            });
-            info!(job = %id, generation, workers = ?members, "job started");
-            for (rank, k) in chosen.iter().enumerate() {
-                if let Some((_, w)) = st.workers.get_mut(k) {
-                    w.job = Some(id.clone());
-                    let a = Assignment {
-                        job_id: id.0.clone(),
-                        generation,
-                        rank: rank as u32,
-                        world: need as u32,
-                        peers: peers.clone(),
-                        plan_json: plan_json.clone(),
-                        data_peers: data_peers.clone(),
-                        ring_token: ring_token.clone().into(),
-                        data_locals: data_locals.clone(),
-                    };
-                    let _ = w.tx.try_send(Ok(ControlMessage {
-                        kind: Some(control_message::Kind::Assignment(a)),
-                    }));
-                }
-            }
-        }
+    /// Fails a job from outside the cluster (e.g. `ringtrain local` when a worker
+    /// process died before it could attach).
+    pub fn fail(&self, id: &str, message: String) -> Result<JobStatus, CoordinatorError> {
+        let mut st = self.lock();
+        let n = st.job_number(id)?;
+        self.apply(&mut st, n, Event::Fault { message });
+        self.settle(&mut st);
+        let status = st.job(id)?.status.borrow().clone();
+        Ok(status)
     }
 
     // ------------------------------------------------------------------ workers
@@ -431,16 +522,12 @@ impl Coordinator {
         data_local: String,
     ) -> ControlStream {
         let (tx, rx) = mpsc::channel(CONTROL_CAPACITY);
+        let kick = CancellationToken::new();
         let mut st = self.lock();
         st.next_worker += 1;
         let n = st.next_worker;
         let id = WorkerId(format!("w-{n}"));
         info!(worker = %id, addr = %addr, name = %name, "worker attached");
-        let _ = tx.try_send(Ok(ControlMessage {
-            kind: Some(control_message::Kind::Registered(Registered {
-                worker_id: id.0.clone(),
-            })),
-        }));
         let watcher = tx.clone();
         st.workers.insert(
             n,
@@ -452,54 +539,74 @@ impl Coordinator {
                     data_local,
                     name,
                     tx,
+                    kick: kick.clone(),
                     job: None,
                 },
             ),
         );
-        self.schedule(&mut st);
+        // The first message on a fresh channel always fits.
+        st.send_control(
+            &id,
+            control_message::Kind::Registered(Registered {
+                worker_id: id.0.clone(),
+                protocol_version: ringtrain_proto::PROTOCOL_VERSION,
+            }),
+        );
+        for n in st.jobs.keys().copied().collect::<Vec<_>>() {
+            self.apply(&mut st, n, Event::WorkerJoined { worker: id.clone() });
+        }
+        self.settle(&mut st);
         drop(st);
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             watcher.closed().await;
             me.detach(&id);
         });
-        rx
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).take_until(kick.cancelled_owned()))
     }
 
-    /// Forgets a worker; a job it was running fails, naming it.
+    /// Forgets a worker; a job it was running learns it lost a member.
     pub fn detach(&self, id: &WorkerId) {
         let mut st = self.lock();
+        self.forget_worker(&mut st, id);
+        self.settle(&mut st);
+    }
+
+    fn forget_worker(&self, st: &mut State, id: &WorkerId) {
         let Some(n) = parse_num(&id.0, "w-") else {
             return;
         };
         let Some((_, w)) = st.workers.remove(&n) else {
             return;
         };
-        if w.job.is_none() {
-            info!(worker = %id, addr = %w.addr, name = %w.name, "worker detached");
-        }
-        if let Some(job_id) = w.job {
-            warn!(worker = %id, addr = %w.addr, name = %w.name, job = %job_id, "worker lost while running a job");
-            if let Ok(job) = st.job(&job_id.0) {
-                let rank = job.members.iter().position(|m| m == id).unwrap_or(0);
-                let msg = format!(
-                    "worker {id} (rank {rank}, {}) was lost in generation {}",
-                    w.addr, job.generation
-                );
-                self.end_job(&mut st, &job_id.0, JobState::Failed, Some(msg));
+        // Ends the attach stream, if it is still open (an unreachable worker).
+        w.kick.cancel();
+        match w.job {
+            None => info!(worker = %id, addr = %w.addr, name = %w.name, "worker detached"),
+            Some(job_id) => {
+                warn!(worker = %id, addr = %w.addr, name = %w.name, job = %job_id, "worker lost while running a job");
+                if let Ok(job) = st.job_number(&job_id.0) {
+                    self.apply(
+                        st,
+                        job,
+                        Event::WorkerLost {
+                            worker: id.clone(),
+                            detail: w.addr.clone(),
+                        },
+                    );
+                }
             }
         }
-        self.schedule(&mut st);
     }
 
     /// Tells every attached worker to exit (used by `ringtrain local` on the way out).
     pub fn shutdown_workers(&self) {
-        let st = self.lock();
-        for (_, w) in st.workers.values() {
-            let _ = w.tx.try_send(Ok(ControlMessage {
-                kind: Some(control_message::Kind::Shutdown(Shutdown {})),
-            }));
+        let mut st = self.lock();
+        let ids: Vec<WorkerId> = st.workers.values().map(|(id, _)| id.clone()).collect();
+        for id in ids {
+            st.send_control(&id, control_message::Kind::Shutdown(Shutdown {}));
         }
+        st.unreachable.clear();
     }
 
     /// Number of attached workers.
@@ -507,54 +614,74 @@ impl Coordinator {
         self.lock().workers.len()
     }
 
-    /// Checks that a worker's message belongs to the job's current generation and rank.
-    fn member<'a>(
-        st: &'a mut State,
+    /// Checks that a worker's message belongs to the job's current generation and rank;
+    /// returns the job's number.
+    fn member(
+        st: &mut State,
         job_id: &str,
         generation: u64,
         rank: u32,
         worker_id: &str,
-    ) -> Result<&'a mut JobEntry, CoordinatorError> {
+    ) -> Result<u64, CoordinatorError> {
+        let n = st.job_number(job_id)?;
         let job = st.job(job_id)?;
-        if job.state != JobState::Running || job.generation != generation {
-            return Err(CoordinatorError::Precondition(format!(
-                "job {job_id} is {} in generation {}, not running generation {generation}",
-                job.state.as_str(),
-                job.generation
-            )));
-        }
-        match job.members.get(rank as usize) {
-            Some(w) if w.0 == worker_id => Ok(job),
-            _ => Err(CoordinatorError::Precondition(format!(
-                "worker {worker_id} is not rank {rank} of job {job_id} generation {generation}"
-            ))),
-        }
+        job.machine
+            .check_member(
+                Generation(generation),
+                Rank(rank),
+                &WorkerId::from(worker_id),
+            )
+            .map_err(|e| CoordinatorError::Precondition(format!("job {job_id}: {e}")))?;
+        Ok(n)
     }
 }
 
-/// 128 bits from the OS-seeded keys of `RandomState` (std has no other entropy source;
-/// this is a capability token against stray connections, not key material).
-fn random_token() -> [u8; 16] {
-    use std::hash::{BuildHasher, Hasher};
-    let mut out = [0u8; 16];
-    for (i, half) in out.chunks_mut(8).enumerate() {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_usize(i);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
+/// Publishes the machine's view of a job (state, generation, members, verified steps,
+/// error) into its status; watchers see a change only when something did change.
+fn publish(job: &JobEntry) {
+    let m = &job.machine;
+    job.status.send_if_modified(|s| {
+        let before = (
+            s.state.clone(),
+            s.generation,
+            s.worker_ids.clone(),
+            s.verified_steps,
+            s.error.clone(),
         );
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    out
+        s.state = m.state().as_str().into();
+        s.generation = m.generation().0;
+        if !m.members().is_empty() {
+            s.worker_ids = m.members().iter().map(|w| w.0.clone()).collect();
+        }
+        s.verified_steps = m.verified_steps();
+        if let Some(e) = m.error() {
+            s.error = e.to_string();
+        }
+        before
+            != (
+                s.state.clone(),
+                s.generation,
+                s.worker_ids.clone(),
+                s.verified_steps,
+                s.error.clone(),
+            )
+    });
+}
+
+/// `N` bytes from the operating system's CSPRNG (ring tokens, id tags).
+fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
+    let mut out = [0u8; N];
+    getrandom::fill(&mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringtrain_proto::v1::{worker_report, StepReport, WorkerReport};
+    use ringtrain_proto::v1::{
+        checkpoint_part, worker_report, CheckpointData, CheckpointHeader, CheckpointPart,
+        StepReport, WorkerReport,
+    };
 
     const JOB: &str = r#"
 name = "t"
@@ -611,11 +738,62 @@ loss = "sparse_categorical_crossentropy"
         (core, id.0, streams, dir)
     }
 
+    /// Every message already queued on a control stream, without waiting; `None` at the
+    /// end means the stream itself has ended.
+    fn drain(rx: &mut ControlStream) -> (Vec<ControlMessage>, bool) {
+        use futures::FutureExt;
+        let mut out = Vec::new();
+        loop {
+            match rx.next().now_or_never() {
+                Some(Some(Ok(m))) => out.push(m),
+                Some(Some(Err(_))) => {}
+                Some(None) => return (out, true),
+                None => return (out, false),
+            }
+        }
+    }
+
+    fn report(job: &str, rank: u32, worker: &str, kind: worker_report::Kind) -> WorkerReport {
+        WorkerReport {
+            job_id: job.into(),
+            generation: 1,
+            rank,
+            worker_id: worker.into(),
+            kind: Some(kind),
+        }
+    }
+
+    fn step_n(job: &str, rank: u32, worker: &str, step: u64, hash: u64) -> WorkerReport {
+        report(
+            job,
+            rank,
+            worker,
+            worker_report::Kind::Step(StepReport {
+                step,
+                param_hash: hash,
+                ..StepReport::default()
+            }),
+        )
+    }
+
+    fn finished(job: &str, rank: u32, worker: &str, steps: u64) -> WorkerReport {
+        report(
+            job,
+            rank,
+            worker,
+            worker_report::Kind::Finished(ringtrain_proto::v1::Finished {
+                steps,
+                epochs: 1,
+                ..Default::default()
+            }),
+        )
+    }
+
     #[tokio::test]
     async fn a_replica_hash_mismatch_fails_the_job_loudly() {
         let (core, id, mut streams, _dir) = running_job().await;
-        core.report(step(&id, 0, "w-1", 0xaaaa));
-        core.report(step(&id, 1, "w-2", 0xbbbb));
+        core.report(step(&id, 0, "w-1", 0xaaaa)).await;
+        core.report(step(&id, 1, "w-2", 0xbbbb)).await;
         let s = core.get(&id).unwrap();
         assert_eq!(s.state, "failed");
         assert!(
@@ -625,21 +803,20 @@ loss = "sparse_categorical_crossentropy"
         );
         // Both workers were told to stop (after their registration and assignment).
         for rx in streams.iter_mut() {
-            let mut saw_cancel = false;
-            while let Ok(Ok(m)) = rx.try_recv() {
-                saw_cancel |= matches!(m.kind, Some(control_message::Kind::Cancel(_)));
-            }
-            assert!(saw_cancel);
+            let (msgs, _) = drain(rx);
+            assert!(msgs
+                .iter()
+                .any(|m| matches!(m.kind, Some(control_message::Kind::Cancel(_)))));
         }
     }
 
     #[tokio::test]
     async fn agreeing_replicas_are_counted_and_strangers_ignored() {
         let (core, id, _streams, _dir) = running_job().await;
-        core.report(step(&id, 0, "w-1", 7));
+        core.report(step(&id, 0, "w-1", 7)).await;
         // A report from a worker that is not rank 1 of this job is ignored.
-        core.report(step(&id, 1, "w-9", 8));
-        core.report(step(&id, 1, "w-2", 7));
+        core.report(step(&id, 1, "w-9", 8)).await;
+        core.report(step(&id, 1, "w-2", 7)).await;
         let s = core.get(&id).unwrap();
         assert_eq!(s.state, "running");
         assert_eq!(s.verified_steps, 1);
@@ -656,5 +833,73 @@ loss = "sparse_categorical_crossentropy"
             "{}",
             s.error
         );
+    }
+
+    #[tokio::test]
+    async fn rank_0_finishing_first_does_not_complete_the_job_before_rank_1_is_verified() {
+        let (core, id, _streams, _dir) = running_job().await;
+        core.report(step_n(&id, 0, "w-1", 1, 5)).await;
+        let header = CheckpointHeader {
+            job_id: id.clone(),
+            generation: 1,
+            step: 1,
+            epoch: 1,
+            r#final: true,
+            worker_id: "w-1".into(),
+            buffers: vec!["params".into(), "opt.m".into(), "opt.v".into()],
+            resume_json: "{\"epoch\":1,\"epoch_cursor\":0,\"rng_seed\":0,\"schedule_step\":1,\"early_stopping\":null,\"privacy_ledger\":null}".into(),
+            ..CheckpointHeader::default()
+        };
+        let mut parts = vec![Ok(CheckpointPart {
+            kind: Some(checkpoint_part::Kind::Header(header)),
+        })];
+        // 3 inputs x 2 units + 2 biases, for params and Adam's m and v, in two chunks each.
+        for buffer in 0..3 {
+            for _ in 0..2 {
+                parts.push(Ok(CheckpointPart {
+                    kind: Some(checkpoint_part::Kind::Data(CheckpointData {
+                        buffer,
+                        data: vec![0u8; 16].into(),
+                    })),
+                }));
+            }
+        }
+        core.upload_checkpoint(futures::stream::iter(parts))
+            .await
+            .unwrap();
+        core.report(finished(&id, 0, "w-1", 1)).await;
+        // Rank 1's last step report has not arrived: not completed yet.
+        assert_eq!(core.get(&id).unwrap().state, "running");
+        core.report(step_n(&id, 1, "w-2", 1, 5)).await;
+        assert_eq!(core.get(&id).unwrap().state, "running");
+        core.report(finished(&id, 1, "w-2", 1)).await;
+        let s = core.get(&id).unwrap();
+        assert_eq!(s.state, "completed", "{}", s.error);
+        assert_eq!(s.verified_steps, 1);
+    }
+
+    #[tokio::test]
+    async fn a_worker_whose_control_stream_is_full_is_dropped_not_skipped() {
+        let (core, id, mut streams, _dir) = running_job().await;
+        {
+            let mut st = core.lock();
+            // w-2 never reads its stream: it fills up.
+            for _ in 0..CONTROL_CAPACITY + 1 {
+                st.send_control(
+                    &WorkerId::from("w-2"),
+                    control_message::Kind::Shutdown(Shutdown {}),
+                );
+            }
+            core.settle(&mut st);
+        }
+        let s = core.get(&id).unwrap();
+        assert_eq!(s.state, "failed");
+        assert!(s.error.contains("worker w-2 (rank 1"), "{}", s.error);
+        assert_eq!(core.worker_count(), 1);
+        // Its attach stream ends, so the worker notices and reattaches.
+        let (_, ended) = drain(&mut streams[1]);
+        assert!(ended);
+        let (_, ended) = drain(&mut streams[0]);
+        assert!(!ended);
     }
 }

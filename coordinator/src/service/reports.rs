@@ -3,190 +3,184 @@
 use std::path::PathBuf;
 
 use ringtrain_core::sharding;
+use ringtrain_core::{Rank, Step, WorkerId};
 use ringtrain_proto::v1::{
-    worker_report, CheckpointUpload, Metrics, ShardChunk, ShardRequest, Split, WorkerReport,
+    checkpoint_part, worker_report, CheckpointHeader, CheckpointPart, EpochSummary, Finished,
+    Metrics, ShardChunk, ShardRequest, Split, StepReport, WorkerReport,
 };
 use tracing::{info, info_span};
 
 use super::outputs::{append_metrics, write_model, ModelInfo};
-use super::Coordinator;
-use crate::checkpoint::{CheckpointMeta, TrainingState};
+use super::{Coordinator, JobEntry};
+use crate::checkpoint::{CheckpointMeta, CheckpointStore, ResumeState, TrainingState};
 use crate::error::CoordinatorError;
-use crate::jobs::JobState;
+use crate::job_machine::{Effect, Event};
 
 /// Rows per shard message.
 const SHARD_ROWS: usize = 2048;
 
 impl Coordinator {
-    /// Handles one report from a worker.
-    pub fn report(&self, r: WorkerReport) {
-        let mut st = self.lock();
-        let job = match Self::member(&mut st, &r.job_id, r.generation, r.rank, &r.worker_id) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::debug!(error = %e, "ignoring stale report");
-                return;
-            }
-        };
-        match r.kind {
-            Some(worker_report::Kind::Step(s)) => {
-                if s.step == 0 {
-                    tracing::debug!("ignoring a step report for step 0");
+    /// Handles one report from a worker. Reports from a stale generation, or from a
+    /// worker that does not hold the rank it claims, are ignored.
+    pub async fn report(&self, r: WorkerReport) {
+        let epoch_line = {
+            let mut st = self.lock();
+            let n = match Self::member(&mut st, &r.job_id, r.generation, r.rank, &r.worker_id) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(error = %e, "ignoring stale report");
                     return;
                 }
-                if let Err(d) = job.replica.record(s.step, r.rank, s.param_hash) {
-                    self.end_job(&mut st, &r.job_id, JobState::Failed, Some(d.to_string()));
-                    self.schedule(&mut st);
-                    return;
-                }
-                let verified = job.replica.verified();
-                let spe = job.plan.steps_per_epoch().max(1) as u64;
-                if r.rank == 0 {
-                    job.status.send_modify(|st| {
-                        st.step = s.step;
-                        st.epoch = ((s.step - 1) / spe) as u32;
-                        st.verified_steps = verified;
-                        let m = st.metrics.get_or_insert_with(Metrics::default);
-                        m.loss = Some(s.loss);
-                        m.accuracy = Some(s.accuracy);
-                    });
-                } else {
-                    job.status.send_if_modified(|st| {
-                        let changed = st.verified_steps != verified;
-                        st.verified_steps = verified;
-                        changed
-                    });
-                }
-            }
-            Some(worker_report::Kind::Epoch(e)) => {
-                let Some(summary) = e.summary else { return };
-                append_metrics(&job.out_dir, &summary);
-                job.status.send_modify(|st| {
-                    st.epoch = summary.epoch;
-                    let m = st.metrics.get_or_insert_with(Metrics::default);
-                    m.loss = Some(summary.loss);
-                    m.accuracy = summary.metrics.get("accuracy").copied();
-                    m.val_loss = summary.val_loss;
-                    m.val_accuracy = summary.val_accuracy;
-                    for (k, v) in &summary.metrics {
-                        if !matches!(
-                            k.as_str(),
-                            "loss" | "accuracy" | "val_loss" | "val_accuracy"
-                        ) {
-                            m.other.insert(k.clone(), *v);
+            };
+            let rank = Rank(r.rank);
+            let line = match r.kind {
+                Some(worker_report::Kind::Step(s)) => {
+                    if let Some(job) = st.jobs.get(&n) {
+                        if rank.0 == 0 && s.step > 0 {
+                            show_step(job, &s);
                         }
                     }
-                    st.history.push(summary.clone());
-                    let (n, secs) = st.history.iter().fold((0.0, 0.0), |(n, t), h| {
-                        (n + h.samples_per_sec * h.seconds, t + h.seconds)
-                    });
-                    st.samples_per_sec = if secs > 0.0 { n / secs } else { 0.0 };
-                });
-            }
-            Some(worker_report::Kind::Failure(f)) => {
-                let msg = match f
-                    .lost_rank
-                    .and_then(|lr| job.members.get(lr as usize).map(|w| (lr, w)))
-                {
-                    Some((lr, w)) => format!(
-                        "worker {w} (rank {lr}) was lost in generation {}: rank {} reports: {}",
-                        job.generation, r.rank, f.message
-                    ),
-                    None => format!(
-                        "rank {} (worker {}) failed in generation {}: {}",
-                        r.rank, r.worker_id, job.generation, f.message
-                    ),
-                };
-                self.end_job(&mut st, &r.job_id, JobState::Failed, Some(msg));
-                self.schedule(&mut st);
-            }
-            Some(worker_report::Kind::Finished(f)) => {
-                if r.rank != 0 {
-                    return;
+                    self.apply(
+                        &mut st,
+                        n,
+                        Event::StepReported {
+                            rank,
+                            step: Step(s.step),
+                            param_hash: s.param_hash,
+                        },
+                    );
+                    None
                 }
-                if job.final_checkpoint.is_none() {
-                    let msg = "rank 0 finished without uploading the final checkpoint".to_string();
-                    self.end_job(&mut st, &r.job_id, JobState::Failed, Some(msg));
-                } else {
-                    // Fewer epochs than planned means early stopping, unless a step limit
-                    // (benchmarks) cut the run short.
-                    let early = job.plan.max_steps.is_none() && f.epochs < job.file.epochs;
-                    job.status.send_modify(|st| {
-                        st.step = f.steps;
-                        st.timing = f.timing.clone();
-                        if early {
-                            st.stopped_epoch = f.epochs;
-                        }
-                        let m = st.metrics.get_or_insert_with(Metrics::default);
-                        m.test_loss = f.test_loss;
-                        m.test_accuracy = f.test_accuracy;
-                        for (k, v) in &f.test_metrics {
-                            if !matches!(k.as_str(), "test_loss" | "test_accuracy") {
-                                m.other.insert(k.clone(), *v);
-                            }
-                        }
-                    });
-                    self.end_job(&mut st, &r.job_id, JobState::Completed, None);
+                Some(worker_report::Kind::Epoch(e)) => match (e.summary, st.jobs.get(&n)) {
+                    (Some(summary), Some(job)) => {
+                        show_epoch(job, &summary);
+                        Some((job.out_dir.clone(), summary))
+                    }
+                    _ => None,
+                },
+                Some(worker_report::Kind::Failure(f)) => {
+                    let lost_rank = f.lost_rank.map(Rank);
+                    let lost_detail = lost_rank
+                        .and_then(|lr| {
+                            let job = st.jobs.get(&n)?;
+                            let w = job.machine.members().get(lr.index())?.clone();
+                            st.worker(&w).map(|e| e.addr.clone())
+                        })
+                        .unwrap_or_else(|| "gone".to_string());
+                    let event = Event::Failure {
+                        rank,
+                        worker: WorkerId(r.worker_id.clone()),
+                        message: f.message,
+                        lost_rank,
+                        lost_detail,
+                    };
+                    self.apply(&mut st, n, event);
+                    None
                 }
-                self.schedule(&mut st);
-            }
-            None => {}
+                Some(worker_report::Kind::Finished(f)) => {
+                    if let Some(job) = st.jobs.get(&n) {
+                        if rank.0 == 0 {
+                            show_finished(job, &f);
+                        }
+                    }
+                    let event = Event::RankFinished {
+                        rank,
+                        steps: Step(f.steps),
+                    };
+                    self.apply(&mut st, n, event);
+                    None
+                }
+                None => None,
+            };
+            self.settle(&mut st);
+            line
+        };
+        // The file append runs on a blocking thread, outside the lock; the report stream
+        // is handled in order, so epochs land in order.
+        if let Some((out_dir, summary)) = epoch_line {
+            let _ = tokio::task::spawn_blocking(move || append_metrics(&out_dir, &summary)).await;
         }
     }
 
-    /// Stores a checkpoint from rank 0; the final one also writes the run's model files.
-    pub async fn upload_checkpoint(
-        &self,
-        u: CheckpointUpload,
-    ) -> Result<PathBuf, CoordinatorError> {
-        let (store, meta, out_dir, info) = {
-            let mut st = self.lock();
-            let job = Self::member(&mut st, &u.job_id, u.generation, 0, &u.worker_id)?;
-            let meta = CheckpointMeta {
-                format: "ringtrain.checkpoint.v1".into(),
-                job_id: u.job_id.clone(),
-                generation: u.generation,
-                step: u.step,
-                epoch: u.epoch,
-                optimizer_t: u.optimizer_t,
-                optimizer_slots: u.slots.iter().map(|s| s.name.clone()).collect(),
-                spec_hash: job.spec_hash.clone(),
-                param_hash: u.param_hash,
-                final_: u.r#final,
-                model: job.file.model.clone(),
-            };
-            (
-                job.store.clone(),
-                meta,
-                job.out_dir.clone(),
-                ModelInfo {
-                    file: job.file.clone(),
-                    normalization: job.data.normalization.clone(),
-                    feature_names: job.data.train.feature_names.clone(),
-                    label_name: job.data.train.label_name.clone(),
-                },
-            )
+    /// Receives a checkpoint from rank 0 (a header, then its buffers in chunks), stores
+    /// it, and for the final one also writes the run's model files.
+    pub async fn upload_checkpoint<S>(&self, mut parts: S) -> Result<PathBuf, CoordinatorError>
+    where
+        S: futures::Stream<Item = Result<CheckpointPart, tonic::Status>> + Unpin,
+    {
+        use futures::StreamExt;
+        let transport = |s: tonic::Status| CoordinatorError::Transport(s.to_string());
+        let header = match parts.next().await.transpose().map_err(transport)? {
+            Some(CheckpointPart {
+                kind: Some(checkpoint_part::Kind::Header(h)),
+            }) => h,
+            _ => {
+                return Err(CoordinatorError::Precondition(
+                    "a checkpoint upload must start with its header".into(),
+                ))
+            }
         };
-        let decode = |b: &[u8], what: &str| -> Result<Vec<f32>, CoordinatorError> {
-            if !b.len().is_multiple_of(4) {
+        let (store, meta, out_dir, info, n) = self.accept_checkpoint(&header)?;
+        // The buffers, as raw bytes: each must be exactly the model's parameter count of
+        // f32s, so a sender cannot make the coordinator hold more than one model's worth.
+        let want = meta.model.num_params() * 4;
+        let mut raw: Vec<Vec<u8>> = Vec::with_capacity(header.buffers.len());
+        while let Some(part) = parts.next().await.transpose().map_err(transport)? {
+            let Some(checkpoint_part::Kind::Data(d)) = part.kind else {
+                return Err(CoordinatorError::Precondition(
+                    "a checkpoint upload has one header, at its start".into(),
+                ));
+            };
+            let i = d.buffer as usize;
+            if i + 1 == raw.len() + 1 && i < header.buffers.len() {
+                raw.push(Vec::with_capacity(want));
+            }
+            if i + 1 != raw.len() {
                 return Err(CoordinatorError::Precondition(format!(
-                    "{what} is not a whole number of f32s"
+                    "checkpoint buffer {i} arrived out of order (expected {} of {:?})",
+                    raw.len().saturating_sub(1),
+                    header.buffers
                 )));
             }
-            Ok(ringtrain_core::wire::f32s_le(b).collect())
-        };
-        let state = TrainingState {
-            params: decode(&u.params, "params")?,
-            slots: u
-                .slots
-                .iter()
-                .map(|s| decode(&s.data, &s.name))
-                .collect::<Result<_, _>>()?,
-        };
-        let final_ = u.r#final;
-        let span = info_span!("checkpoint", job = %u.job_id, step = u.step, final_);
-        let path = tokio::task::spawn_blocking(move || {
+            let buf = &mut raw[i];
+            if buf.len() + d.data.len() > want {
+                return Err(CoordinatorError::Precondition(format!(
+                    "checkpoint buffer {:?} is longer than the model's {} parameters",
+                    header.buffers[i],
+                    want / 4
+                )));
+            }
+            buf.extend_from_slice(&d.data);
+        }
+        if raw.len() != header.buffers.len() || raw.iter().any(|b| b.len() != want) {
+            return Err(CoordinatorError::Precondition(format!(
+                "checkpoint upload ended early: got {} of {} buffers of {want} bytes each",
+                raw.iter().filter(|b| b.len() == want).count(),
+                header.buffers.len()
+            )));
+        }
+        let (final_, step) = (meta.final_, meta.step);
+        let span = info_span!("checkpoint", job = %meta.job_id, step, final_);
+        // Decoding, hashing and fsyncs all run on a blocking thread, never the runtime's.
+        let written = tokio::task::spawn_blocking(move || {
             let _e = span.enter();
+            let mut buffers = raw
+                .iter()
+                .map(|b| ringtrain_core::wire::f32s_le(b).collect());
+            let params: Vec<f32> = buffers.next().unwrap_or_default();
+            let mut rest: Vec<Vec<f32>> = buffers.collect();
+            let best = meta
+                .resume
+                .early_stopping
+                .as_ref()
+                .is_some_and(|e| e.has_best_params)
+                .then(|| rest.pop())
+                .flatten();
+            let state = TrainingState {
+                params,
+                slots: rest,
+                best,
+            };
             let path = store.write(&meta, &state)?;
             if final_ {
                 write_model(&out_dir, &info, &meta, &state.params)?;
@@ -195,28 +189,129 @@ impl Coordinator {
             Ok::<_, CoordinatorError>(path)
         })
         .await
-        .map_err(|e| CoordinatorError::Transport(e.to_string()))??;
-        if final_ {
-            let mut st = self.lock();
-            if let Ok(job) = st.job(&u.job_id) {
-                job.final_checkpoint = Some(path.clone());
+        .map_err(|e| CoordinatorError::Transport(e.to_string()))
+        .and_then(|r| r);
+        let mut st = self.lock();
+        match &written {
+            Ok(_) => {
+                self.apply(
+                    &mut st,
+                    n,
+                    Event::CheckpointStored {
+                        step: Step(step),
+                        final_,
+                    },
+                );
             }
+            Err(e) if final_ => {
+                let message = format!("cannot store the final checkpoint: {e}");
+                self.apply(&mut st, n, Event::Fault { message });
+            }
+            Err(_) => {}
         }
-        Ok(path)
+        self.settle(&mut st);
+        written
+    }
+
+    /// Checks a checkpoint header against the job (rank 0 of the running generation, the
+    /// buffers the optimizer has) and builds the metadata to store.
+    #[allow(clippy::type_complexity)]
+    fn accept_checkpoint(
+        &self,
+        h: &CheckpointHeader,
+    ) -> Result<(CheckpointStore, CheckpointMeta, PathBuf, ModelInfo, u64), CoordinatorError> {
+        let mut st = self.lock();
+        let n = Self::member(&mut st, &h.job_id, h.generation, 0, &h.worker_id)?;
+        let resume: ResumeState = serde_json::from_str(&h.resume_json)
+            .map_err(|e| CoordinatorError::Precondition(format!("checkpoint resume state: {e}")))?;
+        let Some(job) = st.jobs.get(&n) else {
+            return Err(CoordinatorError::UnknownJob(h.job_id.clone()));
+        };
+        let slots: Vec<String> = job
+            .plan
+            .optimizer
+            .slot_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut expected: Vec<String> = vec!["params".into()];
+        expected.extend(slots.iter().map(|s| format!("opt.{s}")));
+        if resume
+            .early_stopping
+            .as_ref()
+            .is_some_and(|e| e.has_best_params)
+        {
+            expected.push("best".into());
+        }
+        if h.buffers != expected {
+            return Err(CoordinatorError::Precondition(format!(
+                "checkpoint buffers {:?}, this job's are {expected:?}",
+                h.buffers
+            )));
+        }
+        let meta = CheckpointMeta {
+            format: ringtrain_core::checkpoint::FORMAT.into(),
+            version: ringtrain_core::checkpoint::VERSION,
+            job_id: h.job_id.clone(),
+            generation: h.generation,
+            step: h.step,
+            epoch: h.epoch,
+            optimizer_t: h.optimizer_t,
+            optimizer_slots: slots,
+            spec_hash: job.spec_hash.clone(),
+            param_hash: h.param_hash,
+            final_: h.r#final,
+            model: job.file.model.clone(),
+            resume,
+        };
+        let found = (
+            job.store.clone(),
+            meta,
+            job.out_dir.clone(),
+            ModelInfo {
+                file: job.file.clone(),
+                normalization: job.data.normalization.clone(),
+                feature_names: job.data.train.feature_names.clone(),
+                label_name: job.data.train.label_name.clone(),
+            },
+            n,
+        );
+        let effects = self.apply(
+            &mut st,
+            n,
+            Event::CheckpointUploaded {
+                step: Step(h.step),
+                final_: h.r#final,
+            },
+        );
+        if !effects
+            .iter()
+            .any(|e| matches!(e, Effect::WriteCheckpoint { .. }))
+        {
+            return Err(CoordinatorError::Precondition(format!(
+                "job {} does not take checkpoints now",
+                h.job_id
+            )));
+        }
+        Ok(found)
     }
 
     /// The rows of one split a worker should hold, as messages.
     pub fn shard(&self, req: &ShardRequest) -> Result<Vec<ShardChunk>, CoordinatorError> {
         let (data, plan, world) = {
             let mut st = self.lock();
-            let job = Self::member(
+            let n = Self::member(
                 &mut st,
                 &req.job_id,
                 req.generation,
                 req.rank,
                 &req.worker_id,
             )?;
-            (job.data.clone(), job.plan.clone(), job.members.len())
+            let job = st
+                .jobs
+                .get(&n)
+                .ok_or_else(|| CoordinatorError::UnknownJob(req.job_id.clone()))?;
+            (job.data.clone(), job.plan.clone(), job.machine.world())
         };
         let rank = req.rank as usize;
         let rows: Vec<u32>;
@@ -270,4 +365,63 @@ impl Coordinator {
             })
             .collect())
     }
+}
+
+/// Rank 0's step report, into the status (progress, latest loss and accuracy).
+fn show_step(job: &JobEntry, s: &StepReport) {
+    let spe = job.plan.steps_per_epoch().max(1) as u64;
+    job.status.send_modify(|st| {
+        st.step = s.step;
+        st.epoch = ((s.step - 1) / spe) as u32;
+        let m = st.metrics.get_or_insert_with(Metrics::default);
+        m.loss = Some(s.loss);
+        m.accuracy = Some(s.accuracy);
+    });
+}
+
+/// An epoch's summary, into the status (metrics, history, mean samples/s).
+fn show_epoch(job: &JobEntry, summary: &EpochSummary) {
+    job.status.send_modify(|st| {
+        st.epoch = summary.epoch;
+        let m = st.metrics.get_or_insert_with(Metrics::default);
+        m.loss = Some(summary.loss);
+        m.accuracy = summary.metrics.get("accuracy").copied();
+        m.val_loss = summary.val_loss;
+        m.val_accuracy = summary.val_accuracy;
+        for (k, v) in &summary.metrics {
+            if !matches!(
+                k.as_str(),
+                "loss" | "accuracy" | "val_loss" | "val_accuracy"
+            ) {
+                m.other.insert(k.clone(), *v);
+            }
+        }
+        st.history.push(summary.clone());
+        let (n, secs) = st.history.iter().fold((0.0, 0.0), |(n, t), h| {
+            (n + h.samples_per_sec * h.seconds, t + h.seconds)
+        });
+        st.samples_per_sec = if secs > 0.0 { n / secs } else { 0.0 };
+    });
+}
+
+/// Rank 0's end of training, into the status (steps, timing, test metrics, early stop).
+fn show_finished(job: &JobEntry, f: &Finished) {
+    // Fewer epochs than planned means early stopping, unless a step limit (benchmarks)
+    // cut the run short.
+    let early = job.plan.max_steps.is_none() && f.epochs < job.file.epochs;
+    job.status.send_modify(|st| {
+        st.step = f.steps;
+        st.timing = f.timing.clone();
+        if early {
+            st.stopped_epoch = f.epochs;
+        }
+        let m = st.metrics.get_or_insert_with(Metrics::default);
+        m.test_loss = f.test_loss;
+        m.test_accuracy = f.test_accuracy;
+        for (k, v) in &f.test_metrics {
+            if !matches!(k.as_str(), "test_loss" | "test_accuracy") {
+                m.other.insert(k.clone(), *v);
+            }
+        }
+    });
 }
