@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ringtrain_coordinator::client::{self, is_terminal, DEFAULT_COORDINATOR};
 use ringtrain_coordinator::local::{run_local, LocalOptions};
+use ringtrain_coordinator::watch::HistoryKeeper;
 use ringtrain_coordinator::{DataPlane, ServerConfig};
 use ringtrain_proto::v1::{JobRequest, ListRequest};
 use ringtrain_worker::config::WorkerConfig;
@@ -462,8 +463,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(status_err)?
                 .into_inner();
             let mut bar = progress::Progress::new();
+            // Watch sends the history only when it grew; keep the last one seen.
+            let mut history = HistoryKeeper::default();
             let mut last = None;
             while let Some(s) = stream.message().await.map_err(status_err)? {
+                let s = history.apply(s);
                 bar.update(&s);
                 let done = is_terminal(&s);
                 last = Some(s);

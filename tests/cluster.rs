@@ -50,6 +50,11 @@ fn submit_watch_cancel_then_the_workers_take_the_next_job() {
     let (ok, done, stderr) = run_json(&["watch", "--coordinator", &coord, &id2]);
     assert!(ok, "watch failed: {done} {stderr}");
     assert_eq!(done["state"], "completed");
+    // Watch sends the history only when it grew; the CLI keeps the last one, so each
+    // epoch's line appears exactly once.
+    for epoch in ["epoch 1/2 ", "epoch 2/2 "] {
+        assert_eq!(stderr.matches(epoch).count(), 1, "{epoch:?} in {stderr}");
+    }
     assert_eq!(done["verified_steps"], done["steps"]);
     let out_dir = std::path::PathBuf::from(done["out_dir"].as_str().unwrap());
     assert!(out_dir.join("model.safetensors").is_file());

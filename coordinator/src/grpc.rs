@@ -17,6 +17,7 @@ use ringtrain_core::CheckpointError;
 
 use crate::error::CoordinatorError;
 use crate::service::Coordinator;
+use crate::watch;
 
 /// The one mapping from domain errors to gRPC status codes.
 pub fn to_status(e: CoordinatorError) -> Status {
@@ -84,15 +85,7 @@ impl JobService for CoordinatorApi {
             .core
             .watch(&request.into_inner().job_id)
             .map_err(to_status)?;
-        let mut done = false;
-        let stream = tokio_stream::wrappers::WatchStream::new(rx)
-            .take_while(move |s| {
-                // Pass the first terminal status, then end.
-                let keep = !done;
-                done = done || matches!(s.state.as_str(), "completed" | "failed" | "cancelled");
-                keep
-            })
-            .map(Ok);
+        let stream = watch::coalesce(rx, watch::MIN_INTERVAL).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }
 

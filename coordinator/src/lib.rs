@@ -6,6 +6,8 @@
 //! - [`job_machine`]: the job state machine and the replica check (pure: events in,
 //!   effects out).
 //! - [`service`]: the [`Coordinator`] core: jobs, workers, scheduling, reports.
+//! - [`watch`]: what `JobService.Watch` sends: status updates coalesced to about ten a
+//!   second, history only when it grew, ending after the terminal status.
 //! - [`grpc`]: tonic adapters; [`server`]: serving on a bound listener.
 //! - [`client`]: a client for the CLI; [`local`]: the embedded single-machine cluster.
 //! - [`model_input`]: the rows `predict` and `evaluate` read.
@@ -27,6 +29,7 @@ pub mod model_input;
 pub mod npy;
 pub mod server;
 pub mod service;
+pub mod watch;
 
 pub use config::{DataPlane, ServerConfig};
 pub use error::CoordinatorError;
