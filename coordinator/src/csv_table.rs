@@ -4,17 +4,26 @@
 //! [`Table`]: one label column (or none, at predict time) and the feature
 //! columns, either all the others or an explicit list chosen by header name.
 //!
-//! The parser is a small RFC 4180 reader written for this purpose: comma
-//! separated, `"`-quoted fields (which may hold commas, doubled quotes and
-//! line breaks), CRLF or LF line ends, an optional UTF-8 byte order mark.
-//! Every field is trimmed. Every error ([`TableError`]) names the file, the
-//! 1-based line (the header is line 1) and, for a cell, the column by name and
+//! The `csv` crate does the tokenizing (RFC 4180: comma separated,
+//! `"`-quoted fields that may hold commas, doubled quotes and line breaks);
+//! this module adds what a training table needs on top: an optional UTF-8
+//! byte order mark is skipped, every field is trimmed (so CRLF line ends read
+//! like LF), blank lines are allowed only at the end, rows must have as many
+//! fields as the header, a quote left open at the end of the file is an error,
+//! and every error ([`TableError`]) names the file, the 1-based line where the
+//! row starts (the header is line 1) and, for a cell, the column by name and
 //! 1-based position, and says what to do about it.
+//!
+//! Malformed quoting that `csv` reads leniently is not rejected by itself:
+//! text after a closing quote (`"1"x`) joins the field (`1x`), and a quote
+//! after leading spaces (` "2"`) is literal. Such a cell is then reported as
+//! not a number, with its line and column, unless it is outside the columns
+//! read.
 
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// A problem reading a data file (CSV or `.npy`): which file, where in it,
@@ -138,13 +147,11 @@ pub fn read_csv(
     label: &LabelColumn,
     features: Option<&[String]>,
 ) -> Result<Table, TableError> {
-    let file = File::open(path).map_err(|e| TableError::io(path, e))?;
-    let mut reader = RecordReader::new(BufReader::with_capacity(1 << 16, file), path);
-    let mut record = Record::default();
+    let mut records = Records::open(path)?;
 
     // The header: required, and it fixes the number of fields of every row.
-    let header = match reader.next_record(&mut record)? {
-        Some(start) if !start.blank => record.to_strings(),
+    let header = match records.next()? {
+        Some(row) if !row.blank && row.blank_before.is_none() => records.to_strings(),
         _ => {
             return Err(TableError::file(
                 path,
@@ -164,9 +171,12 @@ pub fn read_csv(
     let mut rows = 0usize;
     // A blank line is fine only if nothing but blank lines follows it.
     let mut first_blank: Option<usize> = None;
-    while let Some(start) = reader.next_record(&mut record)? {
-        if start.blank {
-            first_blank.get_or_insert(start.line);
+    while let Some(row) = records.next()? {
+        if let Some(line) = row.blank_before {
+            first_blank.get_or_insert(line);
+        }
+        if row.blank {
+            first_blank.get_or_insert(row.line);
             continue;
         }
         if let Some(line) = first_blank {
@@ -178,23 +188,23 @@ pub fn read_csv(
                     .to_string(),
             });
         }
-        if record.len() != header.len() {
+        if records.len() != header.len() {
             return Err(TableError::Line {
                 path: path.to_path_buf(),
-                line: start.line,
+                line: row.line,
                 message: format!(
                     "has {} fields, the header has {} (ragged row); look for a missing or \
                      extra comma, and quote values that contain commas",
-                    record.len(),
+                    records.len(),
                     header.len()
                 ),
             });
         }
         for &col in &feature_cols {
-            x.push(columns.cell(&record, col, start.line, false)?);
+            x.push(columns.cell(records.field(col), col, row.line, false)?);
         }
         if let Some(col) = label_col {
-            y.push(columns.cell(&record, col, start.line, true)?);
+            y.push(columns.cell(records.field(col), col, row.line, true)?);
         }
         rows += 1;
     }
@@ -352,15 +362,9 @@ impl Columns<'_> {
             })
     }
 
-    /// Parses the cell at 0-based column `col` of `record`, which starts on `line`.
-    fn cell(
-        &self,
-        record: &Record,
-        col: usize,
-        line: usize,
-        is_label: bool,
-    ) -> Result<f32, TableError> {
-        let raw = record.field(col);
+    /// Parses `raw`, the (trimmed) cell at 0-based column `col` of the row that
+    /// starts on `line`.
+    fn cell(&self, raw: &[u8], col: usize, line: usize, is_label: bool) -> Result<f32, TableError> {
         parse_number(raw).map_err(|problem| {
             let shown = shorten(&String::from_utf8_lossy(raw));
             let message = match problem {
@@ -444,189 +448,164 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// One record's fields, unescaped and trimmed, stored end to end so that
-/// reading a row allocates nothing once the buffers have grown.
-#[derive(Default)]
-struct Record {
-    text: Vec<u8>,
-    ends: Vec<usize>,
+/// Where a record sits in the file.
+struct Row {
+    /// The 1-based line of its first byte.
+    line: usize,
+    /// The record is one field of nothing but whitespace (a blank line).
+    blank: bool,
+    /// The first of the empty lines just before the record, which `csv` skips
+    /// without returning a record.
+    blank_before: Option<usize>,
 }
 
-impl Record {
-    /// The number of fields.
+/// CSV records read by the `csv` crate, with the line each one starts on.
+///
+/// `csv` counts `\n` bytes as it goes but stamps a record with the position
+/// before any empty lines it skipped, so the start line is worked out from the
+/// count before and after the record: the difference is the skipped empty
+/// lines, the line breaks inside (quoted) fields, and the record's own line
+/// end, which only the last record can lack. Only `\n` ends a record; a `\r`
+/// before it is trailing whitespace of the last field, trimmed like any other,
+/// so line counts are the same for CRLF files.
+struct Records<'p> {
+    reader: csv::Reader<Source<io::Chain<io::Cursor<Vec<u8>>, File>>>,
+    record: csv::ByteRecord,
+    path: &'p Path,
+}
+
+impl<'p> Records<'p> {
+    fn open(path: &'p Path) -> Result<Self, TableError> {
+        let mut file = File::open(path).map_err(|e| TableError::io(path, e))?;
+        let mut head = Vec::with_capacity(3);
+        file.by_ref()
+            .take(3)
+            .read_to_end(&mut head)
+            .map_err(|e| TableError::io(path, e))?;
+        if head == b"\xEF\xBB\xBF" {
+            // A UTF-8 byte order mark, as spreadsheet programs write.
+            head.clear();
+        }
+        let reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            // Ragged rows get our own error, which says what to look for.
+            .flexible(true)
+            .terminator(csv::Terminator::Any(b'\n'))
+            .buffer_capacity(1 << 16)
+            .from_reader(Source::new(io::Cursor::new(head).chain(file)));
+        Ok(Records {
+            reader,
+            record: csv::ByteRecord::new(),
+            path,
+        })
+    }
+
+    /// Reads the next record; `None` at the end of the file.
+    fn next(&mut self) -> Result<Option<Row>, TableError> {
+        let before = self.reader.position().line();
+        let more = self
+            .reader
+            .read_byte_record(&mut self.record)
+            .map_err(|e| {
+                // With flexible records and bytes (not strings) only I/O can fail.
+                let message = format!("cannot be read as CSV: {e}");
+                match e.into_kind() {
+                    csv::ErrorKind::Io(io) => TableError::io(self.path, io),
+                    _ => TableError::file(self.path, message),
+                }
+            })?;
+        if !more {
+            return Ok(None);
+        }
+        let end = self.reader.position();
+        let source = self.reader.get_ref();
+        let at_eof = source.eof && end.byte() == source.total;
+        let last_field = self.record.iter().next_back().unwrap_or_default();
+        // A quote left open swallows the rest of the file, its final line break
+        // included; a closed field that ends in a line break is followed by its
+        // closing quote, so the file does not end in that line break alone.
+        let unclosed = at_eof && last_field.ends_with(b"\n") && source.last_non_space != Some(b'"');
+        let terminated = !(at_eof && (source.last != Some(b'\n') || unclosed));
+        let inner_breaks = self
+            .record
+            .as_slice()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        let consumed = usize::try_from(end.line().saturating_sub(before)).unwrap_or(usize::MAX);
+        let skipped = consumed.saturating_sub(inner_breaks + usize::from(terminated));
+        let first = usize::try_from(before).unwrap_or(usize::MAX);
+        let line = first + skipped;
+        if unclosed {
+            return Err(TableError::Line {
+                path: self.path.to_path_buf(),
+                line,
+                message: "has a quoted field that is never closed; add the closing quote (\")"
+                    .to_string(),
+            });
+        }
+        Ok(Some(Row {
+            line,
+            blank: self.record.len() == 1 && last_field.trim_ascii().is_empty(),
+            blank_before: (skipped > 0).then_some(first),
+        }))
+    }
+
+    /// The number of fields of the current record.
     fn len(&self) -> usize {
-        self.ends.len()
+        self.record.len()
     }
 
-    /// The bytes of the 0-based field `i` (`i < self.len()`).
+    /// The trimmed bytes of the current record's 0-based field `i` (empty past the end).
     fn field(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.text[start..self.ends[i]]
+        self.record.get(i).unwrap_or_default().trim_ascii()
     }
 
-    /// The fields as strings (for the header; invalid UTF-8 is replaced).
+    /// The current record's fields as strings (for the header; invalid UTF-8 is replaced).
     fn to_strings(&self) -> Vec<String> {
         (0..self.len())
             .map(|i| String::from_utf8_lossy(self.field(i)).into_owned())
             .collect()
     }
+}
 
-    /// Ends the field that began at `start` in `text`, trimming its whitespace.
-    fn finish_field(&mut self, start: usize) {
-        while self.text.len() > start && self.text.last().is_some_and(u8::is_ascii_whitespace) {
-            self.text.pop();
+/// The file's bytes as `csv` reads them (after any byte order mark), noting
+/// what tells where the last record ends: how many bytes went out, whether the
+/// end of the file was reached, and the last byte and last non-whitespace byte.
+struct Source<R> {
+    inner: R,
+    total: u64,
+    eof: bool,
+    last: Option<u8>,
+    last_non_space: Option<u8>,
+}
+
+impl<R> Source<R> {
+    fn new(inner: R) -> Self {
+        Source {
+            inner,
+            total: 0,
+            eof: false,
+            last: None,
+            last_non_space: None,
         }
-        let lead = self.text[start..]
-            .iter()
-            .take_while(|b| b.is_ascii_whitespace())
-            .count();
-        if lead > 0 {
-            self.text.drain(start..start + lead);
-        }
-        self.ends.push(self.text.len());
     }
 }
 
-/// Where a record starts.
-struct RecordStart {
-    /// The 1-based line of its first byte.
-    line: usize,
-    /// The line was empty or all whitespace (the record holds one empty field).
-    blank: bool,
-}
-
-/// Reads CSV records (which may span lines inside quotes) from a buffered file.
-struct RecordReader<'p, R> {
-    input: R,
-    path: &'p Path,
-    /// Lines read so far.
-    line: usize,
-    /// The current physical line, including its line end.
-    buf: Vec<u8>,
-}
-
-impl<'p, R: BufRead> RecordReader<'p, R> {
-    fn new(input: R, path: &'p Path) -> Self {
-        RecordReader {
-            input,
-            path,
-            line: 0,
-            buf: Vec::new(),
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let got = buf.get(..n).unwrap_or_default();
+        if got.is_empty() {
+            self.eof |= !buf.is_empty();
+            return Ok(n);
         }
-    }
-
-    /// Reads the next physical line into `buf`; false at end of file.
-    fn read_line(&mut self) -> Result<bool, TableError> {
-        self.buf.clear();
-        let n = self
-            .input
-            .read_until(b'\n', &mut self.buf)
-            .map_err(|e| TableError::io(self.path, e))?;
-        if n == 0 {
-            return Ok(false);
+        self.total += n as u64;
+        self.last = got.last().copied();
+        if let Some(&b) = got.iter().rev().find(|b| !b.is_ascii_whitespace()) {
+            self.last_non_space = Some(b);
         }
-        self.line += 1;
-        if self.line == 1 && self.buf.starts_with(b"\xEF\xBB\xBF") {
-            // A UTF-8 byte order mark, as spreadsheet programs write.
-            self.buf.drain(..3);
-        }
-        Ok(true)
-    }
-
-    /// Reads the next record into `record`; `None` at end of file.
-    fn next_record(&mut self, record: &mut Record) -> Result<Option<RecordStart>, TableError> {
-        record.text.clear();
-        record.ends.clear();
-        if !self.read_line()? {
-            return Ok(None);
-        }
-        let start = RecordStart {
-            line: self.line,
-            blank: self.buf.iter().all(u8::is_ascii_whitespace),
-        };
-        let mut i = 0;
-        loop {
-            // One field per iteration; `i` is at its first byte.
-            let field_start = record.text.len();
-            while self.buf.get(i).is_some_and(|&b| b == b' ' || b == b'\t') {
-                i += 1;
-            }
-            if self.buf.get(i) == Some(&b'"') {
-                i = self.quoted_field(i + 1, start.line, record)?;
-                // After the closing quote only whitespace may come before the separator.
-                while let Some(&b) = self.buf.get(i) {
-                    if b == b',' || b == b'\n' {
-                        break;
-                    }
-                    if !b.is_ascii_whitespace() {
-                        return Err(TableError::Line {
-                            path: self.path.to_path_buf(),
-                            line: self.line,
-                            message: "has text after a closing quote; a quote inside a quoted \
-                                      field must be doubled (\"\")"
-                                .to_string(),
-                        });
-                    }
-                    i += 1;
-                }
-            } else {
-                let rest = &self.buf[i..];
-                let len = rest
-                    .iter()
-                    .position(|&b| b == b',' || b == b'\n')
-                    .unwrap_or(rest.len());
-                record.text.extend_from_slice(&rest[..len]);
-                i += len;
-            }
-            record.finish_field(field_start);
-            if self.buf.get(i) == Some(&b',') {
-                i += 1;
-            } else {
-                // A line end or the end of the file.
-                return Ok(Some(start));
-            }
-        }
-    }
-
-    /// Copies a quoted field's content, starting just after its opening quote
-    /// at `i`, reading further lines when it holds line breaks. Returns the
-    /// position just after the closing quote.
-    fn quoted_field(
-        &mut self,
-        mut i: usize,
-        record_line: usize,
-        record: &mut Record,
-    ) -> Result<usize, TableError> {
-        loop {
-            let rest = &self.buf[i..];
-            match rest.iter().position(|&b| b == b'"') {
-                Some(q) => {
-                    record.text.extend_from_slice(&rest[..q]);
-                    i += q + 1;
-                    if self.buf.get(i) == Some(&b'"') {
-                        // A doubled quote stands for one quote.
-                        record.text.push(b'"');
-                        i += 1;
-                    } else {
-                        return Ok(i);
-                    }
-                }
-                None => {
-                    // The field goes on past this line.
-                    record.text.extend_from_slice(rest);
-                    if !self.read_line()? {
-                        return Err(TableError::Line {
-                            path: self.path.to_path_buf(),
-                            line: record_line,
-                            message: "has a quoted field that is never closed; add the \
-                                      closing quote (\")"
-                                .to_string(),
-                        });
-                    }
-                    i = 0;
-                }
-            }
-        }
+        Ok(n)
     }
 }
 
@@ -727,7 +706,7 @@ mod tests {
 
     #[test]
     fn quoted_fields() {
-        let csv = "\"name, with comma\",\"say \"\"hi\"\"\",y\n\"1\", \" 2 \" ,\"3\"\n";
+        let csv = "\"name, with comma\",\"say \"\"hi\"\"\",y\n\"1\",\" 2 \" ,\"3\"\n";
         let t = read(csv, name("y"), None).unwrap();
         assert_eq!(t.feature_names, vec!["name, with comma", "say \"hi\""]);
         assert_eq!(t.x, vec![1.0, 2.0]);
@@ -750,13 +729,56 @@ mod tests {
         );
     }
 
+    /// `csv` reads malformed quoting leniently (there is no strict mode,
+    /// BurntSushi/rust-csv#77): text after a closing quote joins the field and a
+    /// quote after leading spaces is literal. In a column that is read, that is
+    /// still an error naming the line and column.
     #[test]
-    fn text_after_closing_quote() {
+    fn malformed_quoting_in_a_read_column_is_a_cell_error() {
         let err = read("a,y\n\"1\"x,2\n", name("y"), None).unwrap_err();
         assert!(
-            err.starts_with("line 2: has text after a closing quote"),
+            err.starts_with("line 2, column 1 (\"a\"): \"1x\" is not a number"),
             "{err}"
         );
+        let err = read("a,b,y\n1, \"2\",3\n", name("y"), None).unwrap_err();
+        assert!(
+            err.starts_with("line 2, column 2 (\"b\"): \"\\\"2\\\"\" is not a number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unterminated_quote_in_a_column_not_read_is_still_an_error() {
+        let csv = "a,y,note\n1,2,\"x\n3,4,z\n";
+        let err = read(csv, name("y"), Some(&["a"])).unwrap_err();
+        assert!(
+            err.starts_with("line 2: has a quoted field that is never closed"),
+            "{err}"
+        );
+        // Closed, with a line break just before the closing quote, on the last row.
+        for csv in ["a,y,note\n1,2,\"x\n\"\n", "a,y,note\r\n1,2,\"x\r\n\" \r\n"] {
+            let t = read(csv, name("y"), Some(&["a"])).unwrap();
+            assert_eq!((t.x, t.y), (vec![1.0], vec![2.0]));
+        }
+    }
+
+    #[test]
+    fn line_numbers_count_skipped_and_crlf_lines() {
+        let err = read("a,y\r\n1,2\r\n\r\n3,4\r\n", name("y"), None).unwrap_err();
+        assert!(err.starts_with("line 3: is blank"), "{err}");
+        let err = read("a,y\n1,2\n\n\n3,4", name("y"), None).unwrap_err();
+        assert!(err.starts_with("line 3: is blank"), "{err}");
+        let err = read("a,y\r\n1,2\r\n\"x\r\ny\",1\r\nz,2", name("y"), None).unwrap_err();
+        assert!(
+            err.starts_with("line 3, column 1 (\"a\"): \"x\\r\\ny\" is not a number"),
+            "{err}"
+        );
+        let err = read("a,y\n1,2\nz,2\n\n", name("y"), None).unwrap_err();
+        assert!(err.starts_with("line 3, column 1 (\"a\")"), "{err}");
+        let err = read("a,y\n1,2\nz,2", name("y"), None).unwrap_err();
+        assert!(err.starts_with("line 3, column 1 (\"a\")"), "{err}");
+        let err = read("\na,y\n1,2\n", name("y"), None).unwrap_err();
+        assert!(err.starts_with("is empty; expected a header row"), "{err}");
     }
 
     #[test]

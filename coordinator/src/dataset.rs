@@ -236,7 +236,9 @@ pub fn synthetic_regression(
             x.push(v as f32);
         }
         u /= norm;
-        y.push((u + 0.5 * (2.0 * u).sin() + noise * rng.normal()) as f32);
+        // `libm::sin`, not the platform's: the data set is a function of the seed alone,
+        // the same bits on whichever host regenerates it (as `Rng::normal`).
+        y.push((u + 0.5 * libm::sin(2.0 * u) + noise * rng.normal()) as f32);
     }
     Dataset {
         x,

@@ -256,6 +256,10 @@ impl ModelSpec {
     }
 
     /// Initial parameters drawn from `seed` (every replica starts equal); biases are 0.
+    ///
+    /// Replicas on different hosts must start from the same bits: the draws use only
+    /// [`Rng`] (its normals go through `libm`) and `sqrt`, which IEEE 754 rounds
+    /// correctly; keep any other transcendental here on `libm` too.
     pub fn init_params(&self, seed: u64) -> Vec<f32> {
         let mut params = vec![0f32; self.num_params()];
         for (i, l) in self.layout().iter().enumerate() {

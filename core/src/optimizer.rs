@@ -220,6 +220,11 @@ pub enum Schedule {
 impl Schedule {
     /// The rate at 0-based `step` from base rate `lr`, with a linear warm-up over the
     /// first `warmup` steps (rate · (step + 1) / warmup).
+    ///
+    /// Every replica computes the rate itself and must get the same bits on any host, so
+    /// `pow` and `cos` come from `libm` (pure Rust), not the platform libm. The step
+    /// schedule uses `libm::pow` with an integral exponent rather than `powi`, whose
+    /// result depends on how the compiler expands or folds it.
     pub fn rate(&self, lr: f64, step: u64, warmup: u64) -> f64 {
         let s = step as f64;
         let base = match *self {
@@ -227,14 +232,14 @@ impl Schedule {
             Schedule::Step {
                 every_steps,
                 factor,
-            } => lr * factor.powi((step / every_steps.max(1)) as i32),
+            } => lr * libm::pow(factor, (step / every_steps.max(1)) as f64),
             Schedule::Exponential {
                 decay_steps,
                 decay_rate,
-            } => lr * decay_rate.powf(s / decay_steps.max(1) as f64),
+            } => lr * libm::pow(decay_rate, s / decay_steps.max(1) as f64),
             Schedule::Cosine { decay_steps, alpha } => {
                 let p = s.min(decay_steps as f64) / decay_steps.max(1) as f64;
-                lr * ((1.0 - alpha) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()) + alpha)
+                lr * ((1.0 - alpha) * 0.5 * (1.0 + libm::cos(std::f64::consts::PI * p)) + alpha)
             }
         };
         if warmup > 0 && step < warmup {

@@ -224,6 +224,8 @@ pub fn head(
                 let zi = &z[i * outputs..(i + 1) * outputs];
                 // loss = logsumexp(z) − z[t], with the max subtracted first; its gradient
                 // is softmax(z) − onehot(t) (Goodfellow et al., Deep Learning, §6.2.2.3).
+                // The gradient feeds the parameters, so exp and ln come from `libm` (pure
+                // Rust, the same bits on every host), not the platform libm.
                 let (mut arg, mut max) = (0usize, f64::NEG_INFINITY);
                 for (k, &v) in zi.iter().enumerate() {
                     if v > max {
@@ -231,7 +233,7 @@ pub fn head(
                         arg = k;
                     }
                 }
-                let lse = max + zi.iter().map(|&v| (v - max).exp()).sum::<f64>().ln();
+                let lse = max + libm::log(zi.iter().map(|&v| libm::exp(v - max)).sum::<f64>());
                 sums.loss_sum += lse - zi[t];
                 sums.confusion[t * classes + arg] += 1.0;
                 let higher = zi.iter().filter(|&&v| v > zi[t]).count();
@@ -241,7 +243,7 @@ pub fn head(
                 if want_grad {
                     let g = &mut grad[i * outputs..(i + 1) * outputs];
                     for (k, gk) in g.iter_mut().enumerate() {
-                        *gk = (zi[k] - lse).exp();
+                        *gk = libm::exp(zi[k] - lse);
                     }
                     g[t] -= 1.0;
                 }
@@ -252,13 +254,13 @@ pub fn head(
                 let t = check_label(label, 2)?;
                 let zi = z[i];
                 // Stable logistic loss on the logit: max(z, 0) − z·t + ln(1 + e^−|z|);
-                // gradient σ(z) − t.
-                sums.loss_sum += zi.max(0.0) - zi * t as f64 + (-zi.abs()).exp().ln_1p();
+                // gradient σ(z) − t. `libm` for the same bits on every host, as above.
+                sums.loss_sum += zi.max(0.0) - zi * t as f64 + libm::log1p(libm::exp(-zi.abs()));
                 let pred = usize::from(zi > 0.0);
                 sums.confusion[t * 2 + pred] += 1.0;
                 sums.top_k += 1.0;
                 if want_grad {
-                    grad[i] = 1.0 / (1.0 + (-zi).exp()) - t as f64;
+                    grad[i] = 1.0 / (1.0 + libm::exp(-zi)) - t as f64;
                 }
             }
         }

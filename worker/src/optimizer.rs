@@ -142,7 +142,12 @@ fn update(
                 let d = (lr * c.weight_decay) as f32;
                 params.iter_mut().for_each(|p| *p -= d * *p);
             }
-            let alpha = (lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t))) as f32;
+            // Every replica computes the bias correction itself, so it must be the same
+            // bits on every host: `libm::pow` (pure Rust) instead of `powi`, whose result
+            // depends on how the compiler expands it, or the platform libm's `powf`.
+            let t = f64::from(t);
+            let alpha =
+                (lr * (1.0 - libm::pow(beta_2, t)).sqrt() / (1.0 - libm::pow(beta_1, t))) as f32;
             let (b1, b2, e) = (beta_1 as f32, beta_2 as f32, epsilon as f32);
             let (ms, rest) = slots.split_at_mut(1);
             for (((p, &gi), m), v) in params
