@@ -23,6 +23,9 @@ pub enum CoordinatorError {
     /// No such job.
     #[error("no job with id {0} (list jobs with `ringtrain jobs`)")]
     UnknownJob(String),
+    /// A request that is malformed whatever the state (a missing field).
+    #[error("{0}")]
+    BadRequest(String),
     /// A request that does not fit the job's or worker's current state.
     #[error("{0}")]
     Precondition(String),

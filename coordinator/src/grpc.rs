@@ -27,6 +27,7 @@ pub fn to_status(e: CoordinatorError) -> Status {
             Status::invalid_argument(msg)
         }
         CoordinatorError::UnknownJob(_) => Status::not_found(msg),
+        CoordinatorError::BadRequest(_) => Status::invalid_argument(msg),
         CoordinatorError::Precondition(_) => Status::failed_precondition(msg),
         CoordinatorError::Checkpoint(c) => match c {
             CheckpointError::Corrupt { .. } => Status::data_loss(msg),
@@ -112,23 +113,7 @@ impl WorkerControl for CoordinatorApi {
         request: Request<AttachRequest>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let r = request.into_inner();
-        if r.collective_addr.is_empty() {
-            return Err(Status::invalid_argument("attach: collective_addr is empty"));
-        }
-        if r.protocol_version != ringtrain_proto::PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "attach: worker {:?} speaks protocol version {}, this coordinator speaks version {}; run the same ringtrain release on both",
-                r.name,
-                r.protocol_version,
-                ringtrain_proto::PROTOCOL_VERSION
-            )));
-        }
-        Ok(Response::new(self.core.attach(
-            r.collective_addr,
-            r.name,
-            r.data_addr,
-            r.data_local,
-        )))
+        self.core.attach(r).map(Response::new).map_err(to_status)
     }
 
     type FetchShardStream = BoxStream<ShardChunk>;

@@ -34,8 +34,8 @@ use futures::StreamExt;
 use ringtrain_core::plan::TrainingPlan;
 use ringtrain_core::{Generation, JobId, Rank, WorkerId};
 use ringtrain_proto::v1::{
-    control_message, Assignment, CancelJob, ControlMessage, JobStatus, Metrics, Registered,
-    Shutdown, SubmitRequest,
+    control_message, Assignment, AttachRequest, CancelJob, ControlMessage, JobStatus, Metrics,
+    Registered, Shutdown, SubmitRequest,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -513,8 +513,26 @@ impl Coordinator {
     // ------------------------------------------------------------------ workers
 
     /// Registers a worker; the returned stream carries its control messages. When the
-    /// worker goes away (the stream is dropped), it is detached.
-    pub fn attach(
+    /// worker goes away (the stream is dropped), it is detached. A worker of another
+    /// protocol version is refused, naming both versions.
+    pub fn attach(self: &Arc<Self>, req: AttachRequest) -> Result<ControlStream, CoordinatorError> {
+        if req.collective_addr.is_empty() {
+            return Err(CoordinatorError::BadRequest(
+                "attach: collective_addr is empty".into(),
+            ));
+        }
+        if req.protocol_version != ringtrain_proto::PROTOCOL_VERSION {
+            return Err(CoordinatorError::Precondition(format!(
+                "attach: worker {:?} speaks protocol version {}, this coordinator speaks version {}; run the same ringtrain release on both",
+                req.name,
+                req.protocol_version,
+                ringtrain_proto::PROTOCOL_VERSION
+            )));
+        }
+        Ok(self.register(req.collective_addr, req.name, req.data_addr, req.data_local))
+    }
+
+    fn register(
         self: &Arc<Self>,
         addr: String,
         name: String,
@@ -731,8 +749,8 @@ loss = "sparse_categorical_crossentropy"
             .unwrap();
         assert_eq!(core.get(&id.0).unwrap().state, "waiting");
         let streams = vec![
-            core.attach("a:1".into(), "a".into(), String::new(), String::new()),
-            core.attach("b:1".into(), "b".into(), String::new(), String::new()),
+            core.register("a:1".into(), "a".into(), String::new(), String::new()),
+            core.register("b:1".into(), "b".into(), String::new(), String::new()),
         ];
         assert_eq!(core.get(&id.0).unwrap().state, "running");
         (core, id.0, streams, dir)
@@ -820,6 +838,30 @@ loss = "sparse_categorical_crossentropy"
         let s = core.get(&id).unwrap();
         assert_eq!(s.state, "running");
         assert_eq!(s.verified_steps, 1);
+    }
+
+    #[tokio::test]
+    async fn a_worker_of_another_protocol_version_is_refused_naming_both() {
+        let core = Coordinator::new(ServerConfig::default());
+        let Err(e) = core.attach(AttachRequest {
+            collective_addr: "a:1".into(),
+            name: "old".into(),
+            protocol_version: 1,
+            ..AttachRequest::default()
+        }) else {
+            panic!("an old worker was accepted");
+        };
+        let status = crate::grpc::to_status(e);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().contains("protocol version 1")
+                && status
+                    .message()
+                    .contains(&format!("version {}", ringtrain_proto::PROTOCOL_VERSION)),
+            "{}",
+            status.message()
+        );
+        assert_eq!(core.worker_count(), 0);
     }
 
     #[tokio::test]
