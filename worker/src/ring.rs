@@ -334,10 +334,12 @@ mod tests {
         let mut bufs = plain.clone();
         for i in 0..world {
             for j in i + 1..world {
-                for k in 0..len {
-                    let m = rng.next_u64();
-                    bufs[i][k] = bufs[i][k].wrapping_add(m);
-                    bufs[j][k] = bufs[j][k].wrapping_sub(m);
+                let mask: Vec<u64> = (0..len).map(|_| rng.next_u64()).collect();
+                for (x, m) in bufs[i].iter_mut().zip(&mask) {
+                    *x = x.wrapping_add(*m);
+                }
+                for (x, m) in bufs[j].iter_mut().zip(&mask) {
+                    *x = x.wrapping_sub(*m);
                 }
             }
         }

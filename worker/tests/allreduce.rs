@@ -227,10 +227,12 @@ async fn wrapping_integer_sums_are_exact_and_masks_cancel_over_every_transport()
     let mut masked = plain.clone();
     for i in 0..world {
         for j in i + 1..world {
-            for k in 0..len {
-                let m = rng.next_u64();
-                masked[i][k] = masked[i][k].wrapping_add(m);
-                masked[j][k] = masked[j][k].wrapping_sub(m);
+            let mask: Vec<u64> = (0..len).map(|_| rng.next_u64()).collect();
+            for (x, m) in masked[i].iter_mut().zip(&mask) {
+                *x = x.wrapping_add(*m);
+            }
+            for (x, m) in masked[j].iter_mut().zip(&mask) {
+                *x = x.wrapping_sub(*m);
             }
         }
     }
