@@ -11,7 +11,7 @@ use ringtrain_proto::v1::{
     WorkerReport,
 };
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
@@ -72,9 +72,12 @@ pub async fn run(
         .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES);
     let server_stop = shutdown.child_token();
-    let server = tokio::spawn({
+    // The listeners' tasks: the gRPC server and the data-plane accept loops, joined with
+    // a bounded grace whichever way this function ends.
+    let mut listeners = JoinSet::new();
+    listeners.spawn({
         let stop = server_stop.clone();
-        Server::builder()
+        let server = Server::builder()
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(crate::collective::H2_STREAM_WINDOW))
             .initial_connection_window_size(Some(crate::collective::H2_CONNECTION_WINDOW))
@@ -82,14 +85,19 @@ pub async fn run(
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 stop.cancelled().await
-            })
+            });
+        async move {
+            if let Err(e) = server.await {
+                warn!(error = %e, "collective server failed");
+            }
+        }
     });
-    let data_task = tokio::spawn(crate::tcp_ring::accept_loop(
+    listeners.spawn(crate::tcp_ring::accept_loop(
         data_listener,
         data_hub.clone(),
         server_stop.clone(),
     ));
-    let (local_task, data_local) = bind_local_socket(&config, data_port, &data_hub, &server_stop);
+    let data_local = bind_local_socket(&config, data_port, &data_hub, &server_stop, &mut listeners);
     info!(collective = %advertise, data = %data_advertise, coordinator = %config.coordinator, "worker started");
 
     let mut running: Option<RunningJob> = None;
@@ -104,7 +112,7 @@ pub async fn run(
                 if config.reconnect_limit.is_some_and(|l| since.elapsed() >= l) {
                     stop_job(&mut running).await?;
                     server_stop.cancel();
-                    let _ = server.await;
+                    join_with_grace(listeners, &hub).await;
                     return Err(e);
                 }
                 warn!(error = %e, "coordinator unreachable; retrying");
@@ -135,7 +143,7 @@ pub async fn run(
                 // A coordinator of another protocol version: retrying cannot help.
                 stop_job(&mut running).await?;
                 server_stop.cancel();
-                let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+                join_with_grace(listeners, &hub).await;
                 return Err(WorkerError::Refused(status.message().to_string()));
             }
             Err(status) => {
@@ -168,7 +176,7 @@ pub async fn run(
                     if r.protocol_version != ringtrain_proto::PROTOCOL_VERSION {
                         stop_job(&mut running).await?;
                         server_stop.cancel();
-                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+                        join_with_grace(listeners, &hub).await;
                         return Err(WorkerError::Refused(format!(
                             "the coordinator speaks protocol version {}, this worker speaks version {}; run the same ringtrain release on both",
                             r.protocol_version,
@@ -212,12 +220,29 @@ pub async fn run(
     }
     let stopped = stop_job(&mut running).await;
     server_stop.cancel();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, data_task).await;
-    if let Some(task) = local_task {
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
-    }
+    join_with_grace(listeners, &hub).await;
     stopped
+}
+
+/// Joins the (already stopped) listener tasks and the ring's outgoing streams, waiting
+/// at most [`SHUTDOWN_GRACE`] for each group; whatever is still running is then aborted.
+async fn join_with_grace(mut listeners: JoinSet<()>, hub: &CollectiveHub) {
+    let joined = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(r) = listeners.join_next().await {
+            if let Err(e) = r {
+                warn!(error = %e, "a listener task failed");
+            }
+        }
+    })
+    .await;
+    if joined.is_err() {
+        warn!(
+            tasks = listeners.len(),
+            "listener tasks did not stop within the grace; aborting them"
+        );
+        listeners.shutdown().await;
+    }
+    hub.shutdown(SHUTDOWN_GRACE).await;
 }
 
 fn start_job(
@@ -251,13 +276,20 @@ fn start_job(
                     })),
                 };
                 let mut control = control;
-                let _ = handle.block_on(async move {
+                let sent = handle.block_on(async move {
                     tokio::time::timeout(
                         SHUTDOWN_GRACE,
                         control.report(tokio_stream::iter(vec![report])),
                     )
                     .await
                 });
+                match sent {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(status)) => {
+                        warn!(%status, "could not report the rejected assignment")
+                    }
+                    Err(_) => warn!("reporting the rejected assignment timed out"),
+                }
                 return;
             }
         };
@@ -271,6 +303,7 @@ fn start_job(
             plan,
             cancel: token,
         };
+        // The outcome is logged and reported to the coordinator inside.
         let _ = run_blocking(ctx);
     });
     RunningJob {
@@ -307,29 +340,31 @@ async fn stop_job(running: &mut Option<RunningJob>) -> Result<(), WorkerError> {
     }
 }
 
-/// Binds the same-host data socket when enabled (Linux); returns its accept task and the
-/// name to advertise (empty when there is none: ranks then dial TCP).
+/// Binds the same-host data socket when enabled (Linux), spawning its accept loop into
+/// `tasks`; returns the name to advertise (empty when there is none: ranks then dial
+/// TCP).
 fn bind_local_socket(
     config: &WorkerConfig,
     data_port: u16,
     hub: &Arc<crate::tcp_ring::DataHub>,
     stop: &CancellationToken,
-) -> (Option<tokio::task::JoinHandle<()>>, String) {
+    tasks: &mut JoinSet<()>,
+) -> String {
     if !config.local_socket {
-        return (None, String::new());
+        return String::new();
     }
     #[cfg(target_os = "linux")]
     match crate::tcp_ring::bind_local(&data_port.to_string()) {
         Ok((listener, name)) => {
-            let task = tokio::spawn(crate::tcp_ring::accept_local_loop(
+            tasks.spawn(crate::tcp_ring::accept_local_loop(
                 listener,
                 hub.clone(),
                 stop.clone(),
             ));
-            return (Some(task), name);
+            return name;
         }
         Err(e) => warn!(error = %e, "no same-host data socket; ring data stays on TCP"),
     }
-    let _ = (data_port, hub, stop);
-    (None, String::new())
+    let _ = (data_port, hub, stop, tasks);
+    String::new()
 }

@@ -11,10 +11,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::collective::{CollectiveHub, Ring, RingConfig, RingLink};
+use crate::collective::CollectiveHub;
+use crate::engine::{Ring, RingConfig};
 use crate::error::WorkerError;
 use crate::grpc::CollectiveService;
-use crate::tcp_ring::{accept_loop, DataHub, DataPeers, TcpRing};
+use crate::tcp_ring::{accept_loop, DataHub, DataPeers};
 
 /// Where this rank receives ring traffic.
 #[derive(Debug)]
@@ -100,28 +101,14 @@ pub async fn run(
     };
     let cancel = CancellationToken::new();
     let mut ring = match hubs {
-        Hubs::Grpc(hub) => {
-            Ring::Grpc(RingLink::connect(hub, "bench", 1, rank, peers, config, cancel).await?)
-        }
+        Hubs::Grpc(hub) => Ring::connect_grpc(hub, "bench", 1, rank, peers, config, cancel).await?,
         Hubs::Tcp(hub) => {
             let data = DataPeers {
                 addrs: peers.to_vec(),
                 token: BENCH_TOKEN,
                 locals: locals.to_vec(),
             };
-            Ring::Tcp(
-                TcpRing::connect(
-                    &hub,
-                    "bench",
-                    1,
-                    rank,
-                    &data,
-                    config.timeout,
-                    config.chunk_elems,
-                    cancel,
-                )
-                .await?,
-            )
+            Ring::connect_socket(&hub, "bench", 1, rank, &data, config, cancel).await?
         }
     };
     let mut out = Vec::new();

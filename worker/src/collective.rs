@@ -1,28 +1,28 @@
-//! The networked ring all-reduce over the `Collective` gRPC stream.
+//! The ring's gRPC transport: tagged chunks in `Collective` streams.
 //!
 //! Each worker opens one client stream to its right-hand neighbour per generation
-//! ([`RingLink::connect`]) and receives its left-hand neighbour's stream through the
-//! [`CollectiveHub`], which the gRPC adapter feeds. The schedule itself is the pure one in
-//! [`crate::ring`]. Every receive and send has a deadline and watches the job's
-//! cancellation token: a dead neighbour is a [`WorkerError::PeerLost`], never a hang.
+//! ([`GrpcLink::connect`]) and receives its left-hand neighbour's stream through the
+//! [`CollectiveHub`], which the gRPC adapter feeds. The ring itself (schedule, deadlines,
+//! cancellation, reduction) is the one engine of [`crate::engine`]; this module only moves
+//! and checks tagged chunks. Every send and receive also has its own deadline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringtrain_proto::v1::{collective_client::CollectiveClient, Phase, RingChunk};
+use ringtrain_proto::v1::{collective_client::CollectiveClient, Phase as WirePhase, RingChunk};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, warn};
 
+use crate::engine::{ChunkReceiver, ChunkSender, LinkError, Transport};
 use crate::error::WorkerError;
-use crate::ring;
-
-#[cfg(target_endian = "big")]
-compile_error!("ringtrain's wire format is little-endian f32; big-endian hosts are not supported");
+use crate::ring::{Phase, Tag};
 
 /// Messages buffered between the gRPC adapter and the ring engine.
 const INBOX_CAPACITY: usize = 64;
@@ -53,12 +53,16 @@ struct Slot {
     rx: Option<mpsc::Receiver<Inbound>>,
 }
 
-/// Routes incoming ring streams to the generation that consumes them.
+/// Routes incoming ring streams to the generation that consumes them, and owns the
+/// outgoing stream tasks of every link.
 ///
 /// The adapter and the engine may arrive in either order, so whichever comes first
 /// creates the slot. `std::sync::Mutex` is fine: sections are a map lookup.
 #[derive(Debug, Default)]
 pub struct CollectiveHub {
+    /// The outgoing stream of every link: a dropped link lets its stream drain on its
+    /// own, and [`CollectiveHub::shutdown`] waits for what is left.
+    tasks: TaskTracker,
     slots: Mutex<HashMap<(String, u64), Slot>>,
     /// Generations whose engine has finished: late streams for them are refused
     /// instead of creating a slot nobody will ever drain.
@@ -97,6 +101,22 @@ impl CollectiveHub {
         self.slot(job, generation, |s| s.rx.take())
     }
 
+    /// Waits up to `grace` for every outgoing stream to drain (each also ends by itself
+    /// within the ring deadline once its link is gone); links made afterwards are
+    /// still tracked, but this call no longer waits for them.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                streams = self.tasks.len(),
+                "ring streams still open after the shutdown grace"
+            );
+        }
+    }
+
     /// Forgets a generation once its engine is done.
     pub fn close(&self, job: &str, generation: u64) {
         let key = (job.to_string(), generation);
@@ -109,24 +129,6 @@ impl CollectiveHub {
         }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.remove(&key);
-    }
-}
-
-/// Tuning of the ring.
-#[derive(Debug, Clone, Copy)]
-pub struct RingConfig {
-    /// Deadline for any single send or receive.
-    pub timeout: Duration,
-    /// Largest sub-chunk in f32 elements.
-    pub chunk_elems: usize,
-}
-
-impl Default for RingConfig {
-    fn default() -> Self {
-        RingConfig {
-            timeout: Duration::from_secs(20),
-            chunk_elems: 256 * 1024,
-        }
     }
 }
 
@@ -180,392 +182,232 @@ pub async fn dial(
     }
 }
 
-/// Identity of one collective call, carried by every chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Tag {
-    step: u64,
-    op: u64,
-    phase: Phase,
-    round: u32,
-    chunk: u32,
-}
-
-impl std::fmt::Display for Tag {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "step {} op {} {:?} round {} chunk {}",
-            self.step, self.op, self.phase, self.round, self.chunk
-        )
-    }
-}
-
-/// This worker's two ring links for one generation.
+/// This worker's two gRPC ring links for one generation.
 #[derive(Debug)]
-pub struct RingLink {
+pub struct GrpcLink {
     hub: Arc<CollectiveHub>,
     job: String,
     generation: u64,
-    rank: usize,
-    world: usize,
-    config: RingConfig,
-    cancel: CancellationToken,
-    out: Option<mpsc::Sender<RingChunk>>,
+    halves: Option<(GrpcSender, GrpcReceiver)>,
     call: Option<JoinHandle<()>>,
-    inbox: Option<mpsc::Receiver<Inbound>>,
-    got_hello: bool,
-    op: u64,
 }
 
-impl RingLink {
+/// The outgoing stream to the right neighbour.
+#[derive(Debug)]
+pub struct GrpcSender {
+    out: mpsc::Sender<RingChunk>,
+    job: String,
+    generation: u64,
+    rank: u32,
+    timeout: Duration,
+}
+
+/// The incoming stream from the left neighbour, as the hub hands it over.
+#[derive(Debug)]
+pub struct GrpcReceiver {
+    inbox: mpsc::Receiver<Inbound>,
+    got_hello: bool,
+    job: String,
+    generation: u64,
+    left: u32,
+    timeout: Duration,
+}
+
+impl GrpcLink {
     /// Connects to the right neighbour and claims the inbox for the left one.
-    /// `peers[i]` is rank i's collective address.
-    #[allow(clippy::too_many_arguments)]
+    /// `peers[i]` is rank i's collective address. A world of one has no links.
     pub async fn connect(
         hub: Arc<CollectiveHub>,
         job: &str,
         generation: u64,
         rank: usize,
         peers: &[String],
-        config: RingConfig,
+        timeout: Duration,
         cancel: CancellationToken,
     ) -> Result<Self, WorkerError> {
         let world = peers.len();
-        let mut link = RingLink {
+        let mut link = GrpcLink {
             hub: hub.clone(),
             job: job.to_string(),
             generation,
-            rank,
-            world,
-            config,
-            cancel: cancel.clone(),
-            out: None,
+            halves: None,
             call: None,
-            inbox: None,
-            got_hello: false,
-            op: 0,
         };
         if world <= 1 {
             return Ok(link);
         }
-        link.inbox = hub.take_inbox(job, generation);
-        if link.inbox.is_none() {
-            return Err(WorkerError::Plan(format!(
+        let inbox = hub.take_inbox(job, generation).ok_or_else(|| {
+            WorkerError::Plan(format!(
                 "ring inbox of job {job} generation {generation} is already in use"
-            )));
-        }
+            ))
+        })?;
         let right = (rank + 1) % world;
-        let channel = dial(&peers[right], config.timeout, &cancel).await?;
+        let channel = dial(&peers[right], timeout, &cancel).await?;
         let mut client = CollectiveClient::new(channel)
             .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
         let peer = peers[right].clone();
-        link.call = Some(tokio::spawn(async move {
+        link.call = Some(hub.tasks.spawn(async move {
             if let Err(status) = client.ring(ReceiverStream::new(rx)).await {
-                tracing::debug!(peer = %peer, %status, "ring stream to right neighbour ended");
+                debug!(peer = %peer, %status, "ring stream to right neighbour ended");
             }
         }));
-        link.out = Some(tx);
+        let mut sender = GrpcSender {
+            out: tx,
+            job: job.to_string(),
+            generation,
+            rank: rank as u32,
+            timeout,
+        };
         let hello = RingChunk {
             job_id: job.to_string(),
             generation,
-            phase: Phase::Hello as i32,
+            phase: WirePhase::Hello as i32,
             from_rank: rank as u32,
             ..RingChunk::default()
         };
-        link.send(hello).await?;
+        let sent = tokio::select! {
+            _ = cancel.cancelled() => return Err(WorkerError::Cancelled),
+            r = sender.push(hello) => r,
+        };
+        sent.map_err(|detail| WorkerError::PeerLost {
+            rank: right as u32,
+            generation,
+            detail,
+        })?;
+        let receiver = GrpcReceiver {
+            inbox,
+            got_hello: false,
+            job: job.to_string(),
+            generation,
+            left: ((rank + world - 1) % world) as u32,
+            timeout,
+        };
+        link.halves = Some((sender, receiver));
         Ok(link)
     }
-
-    /// Number of ranks.
-    pub fn world(&self) -> usize {
-        self.world
-    }
-
-    fn left(&self) -> u32 {
-        ((self.rank + self.world - 1) % self.world) as u32
-    }
-
-    fn right(&self) -> u32 {
-        ((self.rank + 1) % self.world) as u32
-    }
-
-    fn lost(&self, rank: u32, detail: impl Into<String>) -> WorkerError {
-        WorkerError::PeerLost {
-            rank,
-            generation: self.generation,
-            detail: detail.into(),
-        }
-    }
-
-    async fn send(&self, msg: RingChunk) -> Result<(), WorkerError> {
-        let out = self
-            .out
-            .as_ref()
-            .ok_or_else(|| self.lost(self.right(), "no link"))?;
-        send_on(out, msg, &self.cancel, self.config.timeout)
-            .await
-            .map_err(|d| self.classify(self.right(), d))
-    }
-
-    fn classify(&self, rank: u32, detail: String) -> WorkerError {
-        if self.cancel.is_cancelled() {
-            WorkerError::Cancelled
-        } else {
-            self.lost(rank, detail)
-        }
-    }
-
-    /// Sums `buf` element-wise across all ranks, in place. Every rank ends with identical
-    /// bytes. `step` tags the chunks so a stale or foreign message is caught.
-    pub async fn all_reduce(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
-        let n = self.world;
-        if n <= 1 {
-            return Ok(());
-        }
-        self.op += 1;
-        let (left, right) = (self.left(), self.right());
-        let segs = ring::segments(buf.len(), n);
-        let out = self
-            .out
-            .clone()
-            .ok_or_else(|| self.lost(right, "no link to right neighbour"))?;
-        for phase in [Phase::ReduceScatter, Phase::AllGather] {
-            for round in 0..n - 1 {
-                let (send_seg, recv_seg) = if phase == Phase::ReduceScatter {
-                    (
-                        segs[ring::reduce_scatter_send(self.rank, round, n)].clone(),
-                        segs[ring::reduce_scatter_recv(self.rank, round, n)].clone(),
-                    )
-                } else {
-                    (
-                        segs[ring::all_gather_send(self.rank, round, n)].clone(),
-                        segs[ring::all_gather_recv(self.rank, round, n)].clone(),
-                    )
-                };
-                let (op, chunk_elems) = (self.op, self.config.chunk_elems);
-                let tag = move |chunk: usize| Tag {
-                    step,
-                    op,
-                    phase,
-                    round: round as u32,
-                    chunk: chunk as u32,
-                };
-                // Encode the outgoing segment first (a copy into owned bytes), so sending
-                // and receiving can run at once without borrowing `buf` twice; running
-                // both halves together is what keeps a segment larger than the stream
-                // buffers from deadlocking the ring.
-                let outgoing: Vec<RingChunk> = ring::sub_chunks(send_seg, chunk_elems)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, r)| RingChunk {
-                        job_id: self.job.clone(),
-                        generation: self.generation,
-                        step,
-                        op,
-                        phase: phase as i32,
-                        round: round as u32,
-                        chunk: i as u32,
-                        from_rank: self.rank as u32,
-                        data: Bytes::copy_from_slice(bytemuck::cast_slice(&buf[r])),
-                    })
-                    .collect();
-                let (cancel, timeout) = (self.cancel.clone(), self.config.timeout);
-                let send_all = async {
-                    for m in outgoing {
-                        send_on(&out, m, &cancel, timeout).await?;
-                    }
-                    Ok::<(), String>(())
-                };
-                let mut rx = Receiver {
-                    inbox: self.inbox.as_mut(),
-                    got_hello: &mut self.got_hello,
-                    cancel: &self.cancel,
-                    timeout,
-                    job: &self.job,
-                    generation: self.generation,
-                    left,
-                };
-                let recv_all = async {
-                    for (i, r) in ring::sub_chunks(recv_seg, chunk_elems)
-                        .into_iter()
-                        .enumerate()
-                    {
-                        let c = rx.expect(tag(i)).await?;
-                        let dst = &mut buf[r];
-                        if c.data.len() != dst.len() * 4 {
-                            return Err(WorkerError::ChunkSize {
-                                expected: dst.len() * 4,
-                                got: c.data.len(),
-                            });
-                        }
-                        let src = crate::wire::f32s_le(&c.data);
-                        if phase == Phase::ReduceScatter {
-                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                        } else {
-                            dst.iter_mut().zip(src).for_each(|(d, s)| *d = s);
-                        }
-                    }
-                    Ok::<(), WorkerError>(())
-                };
-                let (sent, received) = tokio::join!(send_all, recv_all);
-                received?;
-                sent.map_err(|d| {
-                    if self.cancel.is_cancelled() {
-                        WorkerError::Cancelled
-                    } else {
-                        self.lost(right, d)
-                    }
-                })?;
-            }
-        }
-        Ok(())
-    }
 }
 
-async fn send_on(
-    out: &mpsc::Sender<RingChunk>,
-    msg: RingChunk,
-    cancel: &CancellationToken,
-    timeout: Duration,
-) -> Result<(), String> {
-    tokio::select! {
-        _ = cancel.cancelled() => Err("cancelled".into()),
-        r = tokio::time::timeout(timeout, out.send(msg)) => match r {
+impl GrpcSender {
+    async fn push(&mut self, msg: RingChunk) -> Result<(), String> {
+        match tokio::time::timeout(self.timeout, self.out.send(msg)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err("stream to right neighbour closed".into()),
-            Err(_) => Err(format!("send blocked for {timeout:?}")),
+            Err(_) => Err(format!("send blocked for {:?}", self.timeout)),
         }
     }
 }
 
-/// The receiving half of a link, borrowed for one collective call.
-struct Receiver<'a> {
-    inbox: Option<&'a mut mpsc::Receiver<Inbound>>,
-    got_hello: &'a mut bool,
-    cancel: &'a CancellationToken,
-    timeout: Duration,
-    job: &'a str,
-    generation: u64,
-    left: u32,
+impl ChunkSender for GrpcSender {
+    async fn send(&mut self, tag: &Tag, data: &[u8]) -> Result<(), LinkError> {
+        // tonic needs owned bytes: this copy is the gRPC transport's price.
+        let msg = RingChunk {
+            job_id: self.job.clone(),
+            generation: self.generation,
+            step: tag.step,
+            op: tag.op,
+            phase: tag.phase.code() as i32,
+            round: tag.round,
+            chunk: tag.chunk,
+            from_rank: self.rank,
+            data: Bytes::copy_from_slice(data),
+        };
+        self.push(msg).await.map_err(LinkError::Broken)
+    }
 }
 
-impl Receiver<'_> {
-    fn lost(&self, detail: String) -> WorkerError {
-        if self.cancel.is_cancelled() {
-            WorkerError::Cancelled
-        } else {
-            WorkerError::PeerLost {
-                rank: self.left,
-                generation: self.generation,
-                detail,
-            }
+impl GrpcReceiver {
+    async fn next(&mut self) -> Result<RingChunk, LinkError> {
+        match tokio::time::timeout(self.timeout, self.inbox.recv()).await {
+            Ok(Some(Inbound::Chunk(c))) => Ok(c),
+            Ok(Some(Inbound::Broken(e))) => Err(LinkError::Broken(format!(
+                "stream from left neighbour failed: {e}"
+            ))),
+            Ok(None) => Err(LinkError::Broken(
+                "stream from left neighbour closed".into(),
+            )),
+            Err(_) => Err(LinkError::Broken(format!(
+                "no ring chunk within {:?}",
+                self.timeout
+            ))),
         }
     }
+}
 
-    async fn next(&mut self) -> Result<RingChunk, WorkerError> {
-        let (cancel, timeout) = (self.cancel, self.timeout);
-        let Some(inbox) = self.inbox.as_deref_mut() else {
-            return Err(self.lost("no inbox".into()));
-        };
-        let r = tokio::select! {
-            _ = cancel.cancelled() => Err(String::new()),
-            r = tokio::time::timeout(timeout, inbox.recv()) => match r {
-                Ok(Some(Inbound::Chunk(c))) => Ok(c),
-                Ok(Some(Inbound::Broken(e))) => Err(format!("stream from left neighbour failed: {e}")),
-                Ok(None) => Err("stream from left neighbour closed".into()),
-                Err(_) => Err(format!("no ring chunk within {timeout:?}")),
-            }
-        };
-        r.map_err(|d| self.lost(d))
-    }
-
-    /// Receives one chunk and checks its tag (and, the first time, the hello).
-    async fn expect(&mut self, tag: Tag) -> Result<RingChunk, WorkerError> {
-        if !*self.got_hello {
+impl ChunkReceiver for GrpcReceiver {
+    async fn recv_into(&mut self, tag: &Tag, dst: &mut [u8]) -> Result<(), LinkError> {
+        if !self.got_hello {
             let hello = self.next().await?;
-            if hello.phase != Phase::Hello as i32 || hello.from_rank != self.left {
-                return Err(WorkerError::TagMismatch {
+            if hello.phase != WirePhase::Hello as i32 || hello.from_rank != self.left {
+                return Err(LinkError::Tag {
                     expected: format!("hello from rank {}", self.left),
                     got: format!("phase {} from rank {}", hello.phase, hello.from_rank),
                 });
             }
-            *self.got_hello = true;
+            self.got_hello = true;
         }
         let c = self.next().await?;
-        let got = Tag {
-            step: c.step,
-            op: c.op,
-            phase: Phase::try_from(c.phase).unwrap_or(Phase::Hello),
-            round: c.round,
-            chunk: c.chunk,
-        };
-        if got != tag
-            || c.job_id != self.job
-            || c.generation != self.generation
-            || c.from_rank != self.left
-        {
-            return Err(WorkerError::TagMismatch {
+        let same = c.step == tag.step
+            && c.op == tag.op
+            && u32::try_from(c.phase).ok().and_then(Phase::from_code) == Some(tag.phase)
+            && c.round == tag.round
+            && c.chunk == tag.chunk
+            && c.job_id == self.job
+            && c.generation == self.generation
+            && c.from_rank == self.left;
+        if !same {
+            return Err(LinkError::Tag {
                 expected: format!(
                     "job {} generation {} {tag} from rank {}",
                     self.job, self.generation, self.left
                 ),
                 got: format!(
-                    "job {} generation {} {got} from rank {}",
-                    c.job_id, c.generation, c.from_rank
+                    "job {} generation {} step {} op {} phase {} round {} chunk {} from rank {}",
+                    c.job_id, c.generation, c.step, c.op, c.phase, c.round, c.chunk, c.from_rank
                 ),
             });
         }
-        Ok(c)
+        if c.data.len() != dst.len() {
+            return Err(LinkError::Size {
+                expected: dst.len(),
+                got: c.data.len(),
+            });
+        }
+        dst.copy_from_slice(&c.data);
+        Ok(())
     }
 }
 
-impl RingLink {
-    /// Ends the outgoing stream after everything queued on it has been sent, waiting at
-    /// most the collective deadline. Call it once the last collective is done: dropping
-    /// a link also ends the stream, but without waiting for the queue to drain.
-    pub async fn close(mut self) {
-        self.out.take();
+impl Transport for GrpcLink {
+    type Sender = GrpcSender;
+    type Receiver = GrpcReceiver;
+
+    fn halves(&mut self) -> Option<(&mut GrpcSender, &mut GrpcReceiver)> {
+        self.halves.as_mut().map(|(s, r)| (s, r))
+    }
+
+    async fn close(mut self, timeout: Duration) {
+        // Dropping the sender ends the stream once its queue is flushed.
+        self.halves.take();
         if let Some(call) = self.call.take() {
-            let _ = tokio::time::timeout(self.config.timeout, call).await;
+            if tokio::time::timeout(timeout, call).await.is_err() {
+                warn!(
+                    job = %self.job,
+                    generation = self.generation,
+                    "ring stream to the right neighbour did not drain within the deadline"
+                );
+            }
         }
     }
 }
 
-impl Drop for RingLink {
+impl Drop for GrpcLink {
     fn drop(&mut self) {
         self.hub.close(&self.job, self.generation);
         // Dropping the sender ends the outgoing stream once its queue is flushed; the call
-        // task then finishes by itself. It is not aborted: that could cut off the last
-        // chunks a neighbour still needs.
-        self.out.take();
-    }
-}
-
-/// The ring of one generation over whichever data plane the coordinator chose.
-#[derive(Debug)]
-pub enum Ring {
-    /// Chunks in gRPC `Collective` streams.
-    Grpc(RingLink),
-    /// Chunks over plain TCP, negotiated through the control plane.
-    Tcp(crate::tcp_ring::TcpRing),
-}
-
-impl Ring {
-    /// Sums `buf` element-wise across all ranks, in place.
-    pub async fn all_reduce(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
-        match self {
-            Ring::Grpc(r) => r.all_reduce(buf, step).await,
-            Ring::Tcp(r) => r.all_reduce(buf, step).await,
-        }
-    }
-
-    /// Ends the outgoing link after everything queued has been sent.
-    pub async fn close(self) {
-        match self {
-            Ring::Grpc(r) => r.close().await,
-            Ring::Tcp(r) => r.close().await,
-        }
+        // task then finishes by itself (the hub's tracker owns it). It is not aborted:
+        // that could cut off the last chunks a neighbour still needs.
+        self.halves.take();
     }
 }

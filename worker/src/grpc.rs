@@ -66,7 +66,9 @@ impl Collective for CollectiveService {
                 }
                 Ok(None) => return Ok(Response::new(RingAck {})),
                 Err(status) => {
-                    send(Inbound::Broken(status.to_string())).await;
+                    if !send(Inbound::Broken(status.to_string())).await {
+                        tracing::debug!(%status, "ring stream broke after its consumer left");
+                    }
                     return Err(status);
                 }
             }

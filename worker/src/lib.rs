@@ -7,9 +7,12 @@
 //!   `unsafe`).
 //! - [`loss`]: the loss heads (sparse categorical cross-entropy on logits).
 //! - [`optimizer`]: Adam on flat buffers.
-//! - [`ring`]: the ring all-reduce schedule (pure); [`collective`]: the same over gRPC
-//!   streams, and [`tcp_ring`]: over a plain-TCP data plane.
-//! - [`trainer`]: the per-job step loop.
+//! - [`ring`]: the ring all-reduce schedule and its reductions (pure); [`engine`]: the
+//!   one ring all-reduce loop over a transport trait, and [`engine::Ring`], one
+//!   generation's ring; its transports: [`collective`] (gRPC streams) and [`tcp_ring`]
+//!   (plain TCP, or Unix sockets on one host).
+//! - [`step`]: one training step as a pipeline of named stages.
+//! - [`trainer`]: the per-job loop (data, epochs, evaluation, checkpoints, reports).
 //! - [`agent`]: the worker process: attach to the coordinator, run assignments.
 //! - [`bench`]: one rank of the all-reduce benchmark.
 //! - [`saved_model`]: a trained model loaded (and its bytes verified) for predict and
@@ -22,6 +25,7 @@ pub mod agent;
 pub mod bench;
 pub mod collective;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod loss;
@@ -30,6 +34,7 @@ pub mod model;
 pub mod optimizer;
 pub mod ring;
 pub mod saved_model;
+pub mod step;
 pub mod tcp_ring;
 pub mod trainer;
 

@@ -8,10 +8,11 @@
 //! which accepts it only with the right token and the right left-hand neighbour, so a
 //! stranger's connection is refused.
 //!
-//! Frames are a fixed 40-byte header (magic, op, step, phase, round, chunk, length)
-//! followed by little-endian f32 payload. Sends write straight from the parameter buffer
-//! and all-gather reads straight into it; reduce-scatter reads into a scratch buffer and
-//! adds. The schedule is the pure one in [`crate::ring`].
+//! Frames are a fixed 40-byte header (magic, op, step, phase, round, chunk, length, four
+//! reserved zero bytes) followed by the little-endian payload. This module is a
+//! [`Transport`] of the one ring engine ([`crate::engine`]): a send writes straight from
+//! the caller's buffer, and a receive reads straight into the slice the engine names
+//! (the buffer itself in all-gather, an aligned scratch in reduce-scatter).
 //!
 //! **Ranks on one host** talk over a Unix socket instead (Linux abstract namespace, so
 //! there is no file to clean up). A worker advertises a local socket name beside its TCP
@@ -31,11 +32,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
+use crate::engine::{ChunkReceiver, ChunkSender, LinkError, Transport};
 use crate::error::WorkerError;
-use crate::ring;
+use crate::ring::Tag;
 
 const HELLO_MAGIC: u32 = 0x5254_4450; // "RTDP"
 const FRAME_MAGIC: u32 = 0x5254_4446; // "RTDF"
@@ -160,7 +163,9 @@ async fn connect_local(name: &str) -> Option<DataStream> {
         return None;
     }
     let sock = socket2::SockRef::from(&stream);
-    let _ = sock.set_send_buffer_size(LOCAL_SOCKET_BUFFER);
+    if let Err(e) = sock.set_send_buffer_size(LOCAL_SOCKET_BUFFER) {
+        debug!(error = %e, "cannot enlarge the same-host socket buffer; the link is slower");
+    }
     Some(DataStream::Unix(stream))
 }
 
@@ -202,7 +207,15 @@ impl DataHub {
         let mut slots = self.lock();
         match slots.remove(&(job.clone(), generation)) {
             Some(Slot::Waiting(tx)) => {
-                let _ = tx.send(p);
+                if let Err(p) = tx.send(p) {
+                    // The claimant gave up (its deadline passed) as this arrived.
+                    warn!(
+                        job = %job,
+                        generation,
+                        from_rank = p.from_rank,
+                        "dropping a data connection nobody waits for any more"
+                    );
+                }
             }
             // A second connection for the same generation replaces an unclaimed one.
             _ => {
@@ -240,7 +253,9 @@ pub async fn accept_loop(listener: TcpListener, hub: Arc<DataHub>, stop: Cancell
     let listener = &listener;
     accept_each(hub, stop, move || async move {
         let (stream, peer) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, peer = %peer, "cannot set TCP_NODELAY on a data connection");
+        }
         Ok((DataStream::Tcp(stream), peer.to_string()))
     })
     .await
@@ -263,14 +278,23 @@ pub async fn accept_local_loop(
 
 /// The accept loop of both listeners: each accepted stream (and a name for logs) goes
 /// to [`receive_hello`] on its own task; a failed accept is logged and retried shortly.
+/// The hello tasks belong to the loop: finished ones are reaped as it goes, and on
+/// `stop` the rest (each bounded by the hello deadline) are aborted and awaited.
 async fn accept_each<F, Fut>(hub: Arc<DataHub>, stop: CancellationToken, mut accept: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(DataStream, String)>>,
 {
+    let mut hellos = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
+            Some(done) = hellos.join_next(), if !hellos.is_empty() => {
+                if let Err(e) = done {
+                    warn!(error = %e, "a data-connection hello task failed");
+                }
+                continue;
+            }
             r = accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -280,8 +304,9 @@ where
                 }
             },
         };
-        tokio::spawn(receive_hello(stream, hub.clone(), peer));
+        hellos.spawn(receive_hello(stream, hub.clone(), peer));
     }
+    hellos.shutdown().await;
 }
 
 async fn receive_hello(mut stream: DataStream, hub: Arc<DataHub>, peer: String) {
@@ -339,36 +364,135 @@ pub struct DataPeers {
 }
 
 /// One rank's two data links for a generation (TCP, or Unix sockets on one host).
-pub struct TcpRing {
-    job: String,
-    generation: u64,
-    rank: usize,
-    world: usize,
-    timeout: Duration,
-    chunk_elems: usize,
-    cancel: CancellationToken,
-    tx: Option<WriteHalf>,
-    rx: Option<ReadHalf>,
+pub struct SocketLink {
     local: bool,
-    scratch: Vec<f32>,
-    op: u64,
+    halves: Option<(SocketSender, SocketReceiver)>,
 }
 
-impl std::fmt::Debug for TcpRing {
+/// The outgoing socket to the right neighbour.
+pub struct SocketSender(WriteHalf);
+
+/// The incoming socket from the left neighbour.
+pub struct SocketReceiver {
+    stream: ReadHalf,
+    job: String,
+    generation: u64,
+}
+
+impl std::fmt::Debug for SocketLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpRing")
-            .field("job", &self.job)
-            .field("generation", &self.generation)
-            .field("rank", &self.rank)
-            .field("world", &self.world)
+        f.debug_struct("SocketLink")
             .field("local", &self.local)
-            .finish_non_exhaustive()
+            .field("connected", &self.halves.is_some())
+            .finish()
     }
 }
 
-impl TcpRing {
-    /// Dials the right neighbour and waits for the left one's connection.
-    #[allow(clippy::too_many_arguments)]
+/// A frame header: magic, op, step, phase, round, chunk, payload bytes, reserved zeros.
+fn header(tag: &Tag, len: usize) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    h[4..12].copy_from_slice(&tag.op.to_le_bytes());
+    h[12..20].copy_from_slice(&tag.step.to_le_bytes());
+    h[20..24].copy_from_slice(&tag.phase.code().to_le_bytes());
+    h[24..28].copy_from_slice(&tag.round.to_le_bytes());
+    h[28..32].copy_from_slice(&tag.chunk.to_le_bytes());
+    h[32..36].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+/// A received header in words, for a mismatch report.
+fn describe(h: &[u8; HEADER]) -> String {
+    let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let u64_at = |i: usize| {
+        u64::from_le_bytes([
+            h[i],
+            h[i + 1],
+            h[i + 2],
+            h[i + 3],
+            h[i + 4],
+            h[i + 5],
+            h[i + 6],
+            h[i + 7],
+        ])
+    };
+    format!(
+        "magic {:#x} step {} op {} phase {} round {} chunk {} ({} bytes)",
+        u32_at(0),
+        u64_at(12),
+        u64_at(4),
+        u32_at(20),
+        u32_at(24),
+        u32_at(28),
+        u32_at(32)
+    )
+}
+
+impl ChunkSender for SocketSender {
+    async fn send(&mut self, tag: &Tag, data: &[u8]) -> Result<(), LinkError> {
+        let io =
+            |e: std::io::Error| LinkError::Broken(format!("data link to right neighbour: {e}"));
+        self.0
+            .write_all(&header(tag, data.len()))
+            .await
+            .map_err(io)?;
+        self.0.write_all(data).await.map_err(io)
+    }
+}
+
+impl ChunkReceiver for SocketReceiver {
+    async fn recv_into(&mut self, tag: &Tag, dst: &mut [u8]) -> Result<(), LinkError> {
+        let io =
+            |e: std::io::Error| LinkError::Broken(format!("data link from left neighbour: {e}"));
+        let mut h = [0u8; HEADER];
+        self.stream.read_exact(&mut h).await.map_err(io)?;
+        let want = header(tag, dst.len());
+        if h != want {
+            // Only the length differs: the tag is right, the payload is not.
+            if h[..32] == want[..32] && h[36..] == want[36..] {
+                let got = u32::from_le_bytes([h[32], h[33], h[34], h[35]]) as usize;
+                return Err(LinkError::Size {
+                    expected: dst.len(),
+                    got,
+                });
+            }
+            return Err(LinkError::Tag {
+                expected: format!(
+                    "job {} generation {} {tag} ({} bytes)",
+                    self.job,
+                    self.generation,
+                    dst.len()
+                ),
+                got: describe(&h),
+            });
+        }
+        self.stream.read_exact(dst).await.map_err(io)?;
+        Ok(())
+    }
+}
+
+impl Transport for SocketLink {
+    type Sender = SocketSender;
+    type Receiver = SocketReceiver;
+
+    fn halves(&mut self) -> Option<(&mut SocketSender, &mut SocketReceiver)> {
+        self.halves.as_mut().map(|(s, r)| (s, r))
+    }
+
+    async fn close(mut self, timeout: Duration) {
+        if let Some((mut tx, _)) = self.halves.take() {
+            match tokio::time::timeout(timeout, tx.0.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "data link to right neighbour closed uncleanly"),
+                Err(_) => warn!("data link to right neighbour did not flush within the deadline"),
+            }
+        }
+    }
+}
+
+impl SocketLink {
+    /// Dials the right neighbour and waits for the left one's connection. A world of
+    /// one has no links.
     pub async fn connect(
         hub: &DataHub,
         job: &str,
@@ -376,26 +500,28 @@ impl TcpRing {
         rank: usize,
         peers: &DataPeers,
         timeout: Duration,
-        chunk_elems: usize,
-        cancel: CancellationToken,
+        cancel: &CancellationToken,
+    ) -> Result<Self, WorkerError> {
+        tokio::select! {
+            _ = cancel.cancelled() => Err(WorkerError::Cancelled),
+            r = Self::dial_and_claim(hub, job, generation, rank, peers, timeout) => r,
+        }
+    }
+
+    async fn dial_and_claim(
+        hub: &DataHub,
+        job: &str,
+        generation: u64,
+        rank: usize,
+        peers: &DataPeers,
+        timeout: Duration,
     ) -> Result<Self, WorkerError> {
         let world = peers.addrs.len();
-        let mut ring = TcpRing {
-            job: job.to_string(),
-            generation,
-            rank,
-            world,
-            timeout,
-            chunk_elems: chunk_elems.max(1024),
-            cancel,
-            tx: None,
-            rx: None,
-            scratch: Vec::new(),
-            op: 0,
-            local: false,
-        };
         if world <= 1 {
-            return Ok(ring);
+            return Ok(SocketLink {
+                local: false,
+                halves: None,
+            });
         }
         let right = (rank + 1) % world;
         let left = ((rank + world - 1) % world) as u32;
@@ -409,7 +535,7 @@ impl TcpRing {
             Some(name) => connect_local(name).await,
             None => None,
         };
-        ring.local = local.is_some();
+        let is_local = local.is_some();
         let out = match local {
             Some(s) => s,
             None => {
@@ -464,168 +590,21 @@ impl TcpRing {
             });
         }
         let (rx, _) = incoming.stream.split();
-        ring.rx = Some(rx);
-        ring.tx = Some(out);
-        Ok(ring)
+        Ok(SocketLink {
+            local: is_local,
+            halves: Some((
+                SocketSender(out),
+                SocketReceiver {
+                    stream: rx,
+                    job: job.to_string(),
+                    generation,
+                },
+            )),
+        })
     }
 
     /// Whether the link to the right-hand neighbour is a same-host Unix socket.
     pub fn is_local(&self) -> bool {
         self.local
     }
-
-    /// Sums `buf` element-wise across all ranks, in place; every rank ends with
-    /// identical bytes.
-    pub async fn all_reduce(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
-        let n = self.world;
-        if n <= 1 {
-            return Ok(());
-        }
-        self.op += 1;
-        let segs = ring::segments(buf.len(), n);
-        let (left, right) = (
-            ((self.rank + n - 1) % n) as u32,
-            ((self.rank + 1) % n) as u32,
-        );
-        let generation = self.generation;
-        let (Some(tx), Some(rx)) = (self.tx.as_mut(), self.rx.as_mut()) else {
-            return Err(WorkerError::PeerLost {
-                rank: right,
-                generation,
-                detail: "no data link".into(),
-            });
-        };
-        for phase in [1u32, 2] {
-            for round in 0..n - 1 {
-                let (send_seg, recv_seg) = if phase == 1 {
-                    (
-                        segs[ring::reduce_scatter_send(self.rank, round, n)].clone(),
-                        segs[ring::reduce_scatter_recv(self.rank, round, n)].clone(),
-                    )
-                } else {
-                    (
-                        segs[ring::all_gather_send(self.rank, round, n)].clone(),
-                        segs[ring::all_gather_recv(self.rank, round, n)].clone(),
-                    )
-                };
-                // The two segments are disjoint: split the buffer so one half is read
-                // for sending while the other is written by the receive.
-                let (send, recv): (&[f32], &mut [f32]) = if send_seg.end <= recv_seg.start {
-                    let (a, b) = buf.split_at_mut(recv_seg.start);
-                    (&a[send_seg.clone()], &mut b[..recv_seg.len()])
-                } else {
-                    // Otherwise the receive segment lies wholly before the send segment.
-                    let (a, b) = buf.split_at_mut(send_seg.start);
-                    (&b[..send_seg.len()], &mut a[recv_seg.clone()])
-                };
-                let hdr = |chunk: usize, len: usize| {
-                    let mut h = [0u8; HEADER];
-                    h[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
-                    h[4..12].copy_from_slice(&self.op.to_le_bytes());
-                    h[12..20].copy_from_slice(&step.to_le_bytes());
-                    h[20..24].copy_from_slice(&phase.to_le_bytes());
-                    h[24..28].copy_from_slice(&(round as u32).to_le_bytes());
-                    h[28..32].copy_from_slice(&(chunk as u32).to_le_bytes());
-                    h[32..36].copy_from_slice(&((len * 4) as u32).to_le_bytes());
-                    h
-                };
-                let chunk_elems = self.chunk_elems;
-                let send_all = async {
-                    for (i, r) in ring::sub_chunks(0..send.len(), chunk_elems)
-                        .into_iter()
-                        .enumerate()
-                    {
-                        tx.write_all(&hdr(i, r.len())).await?;
-                        tx.write_all(bytemuck::cast_slice(&send[r])).await?;
-                    }
-                    Ok::<(), std::io::Error>(())
-                };
-                let scratch = &mut self.scratch;
-                let recv_all = async {
-                    for (i, r) in ring::sub_chunks(0..recv.len(), chunk_elems)
-                        .into_iter()
-                        .enumerate()
-                    {
-                        let mut h = [0u8; HEADER];
-                        rx.read_exact(&mut h).await.map_err(RecvError::Io)?;
-                        let want = hdr(i, r.len());
-                        if h != want {
-                            return Err(RecvError::Tag(format!(
-                                "frame header {:?}, expected {:?}",
-                                &h[..36],
-                                &want[..36]
-                            )));
-                        }
-                        let dst = &mut recv[r];
-                        if phase == 2 {
-                            rx.read_exact(bytemuck::cast_slice_mut(dst))
-                                .await
-                                .map_err(RecvError::Io)?;
-                        } else {
-                            // Read into an aligned f32 scratch so the add is a plain
-                            // vectorizable loop.
-                            scratch.resize(dst.len(), 0.0);
-                            let tmp = &mut scratch[..dst.len()];
-                            rx.read_exact(bytemuck::cast_slice_mut(tmp))
-                                .await
-                                .map_err(RecvError::Io)?;
-                            for (d, s) in dst.iter_mut().zip(tmp.iter()) {
-                                *d += *s;
-                            }
-                        }
-                    }
-                    Ok::<(), RecvError>(())
-                };
-                let both = async { tokio::join!(send_all, recv_all) };
-                let (sent, received) = tokio::select! {
-                    _ = self.cancel.cancelled() => return Err(WorkerError::Cancelled),
-                    r = tokio::time::timeout(self.timeout, both) => match r {
-                        Ok(v) => v,
-                        Err(_) => return Err(WorkerError::PeerLost {
-                            rank: left,
-                            generation,
-                            detail: format!("ring round did not finish within {:?}", self.timeout),
-                        }),
-                    },
-                };
-                match received {
-                    Err(RecvError::Tag(got)) => {
-                        return Err(WorkerError::TagMismatch {
-                            expected: format!(
-                                "job {} generation {generation} op {} step {step}",
-                                self.job, self.op
-                            ),
-                            got,
-                        })
-                    }
-                    Err(RecvError::Io(e)) => {
-                        return Err(WorkerError::PeerLost {
-                            rank: left,
-                            generation,
-                            detail: format!("data link from left neighbour: {e}"),
-                        })
-                    }
-                    Ok(()) => {}
-                }
-                sent.map_err(|e| WorkerError::PeerLost {
-                    rank: right,
-                    generation,
-                    detail: format!("data link to right neighbour: {e}"),
-                })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Flushes and closes the outgoing link.
-    pub async fn close(mut self) {
-        if let Some(mut tx) = self.tx.take() {
-            let _ = tokio::time::timeout(self.timeout, tx.shutdown()).await;
-        }
-    }
-}
-
-enum RecvError {
-    Io(std::io::Error),
-    Tag(String),
 }

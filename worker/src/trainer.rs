@@ -21,13 +21,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn};
 
-use crate::collective::{CollectiveHub, Ring, RingConfig, RingLink};
+use crate::collective::CollectiveHub;
+use crate::engine::{Ring, RingConfig};
 use crate::error::WorkerError;
 use crate::loss::{Metric, MetricSums};
 use crate::model::{DropoutKey, Mlp};
-use crate::optimizer::{clip_by_global_norm, Optimizer};
+use crate::optimizer::Optimizer;
 use crate::plan::TrainingPlan;
+use crate::ring::WrappingSumU64;
 use crate::sharding;
+use crate::step::{Batch, Collective, StepPipeline};
 use ringtrain_core::checkpoint::{EarlyStoppingState, ResumeState};
 
 /// Reports buffered towards the coordinator before the step loop waits.
@@ -96,9 +99,15 @@ pub fn run_blocking(ctx: JobContext) -> Result<(), WorkerError> {
     }
     drop(reports);
     // Flush the report stream (bounded: a vanished coordinator must not hold us here).
-    let _ = ctx
+    match ctx
         .handle
-        .block_on(async { tokio::time::timeout(Duration::from_secs(10), reporter).await });
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), reporter).await })
+    {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(status))) => warn!(%status, "coordinator ended the report stream"),
+        Ok(Err(e)) => warn!(error = %e, "report stream task failed"),
+        Err(_) => warn!("report stream did not flush within 10 s; last reports may be lost"),
+    }
     result
 }
 
@@ -118,8 +127,10 @@ impl Reports<'_> {
             kind: Some(kind),
         };
         // A closed stream means the coordinator is gone; the next collective or RPC
-        // surfaces that as an error, so a lost report needs no handling of its own.
-        let _ = self.tx.blocking_send(report);
+        // surfaces that as an error, so a lost report needs no handling beyond a log.
+        if self.tx.blocking_send(report).is_err() {
+            warn!("report stream to the coordinator is closed; dropping a report");
+        }
     }
 }
 
@@ -235,8 +246,24 @@ fn evaluate(
     }
     let mut buf = vec![0f32; MetricSums::flat_len(classes)];
     local.write_flat(&mut buf);
-    block_on(ctx, ring.all_reduce(&mut buf, step))?;
+    BlockingRing { ctx, ring }.sum_f32(&mut buf, step)?;
     Ok(MetricSums::from_flat(classes, &buf))
+}
+
+/// The job's ring, entered from the step thread.
+struct BlockingRing<'a> {
+    ctx: &'a JobContext,
+    ring: &'a mut Ring,
+}
+
+impl Collective for BlockingRing<'_> {
+    fn sum_f32(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
+        block_on(self.ctx, self.ring.all_reduce(buf, step))
+    }
+
+    fn sum_u64(&mut self, buf: &mut [u64], step: u64) -> Result<(), WorkerError> {
+        block_on(self.ctx, self.ring.reduce::<WrappingSumU64>(buf, step))
+    }
 }
 
 /// Named values of a split's metrics, with a prefix (`val_`, `test_`).
@@ -375,30 +402,29 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             token,
             locals: a.data_locals.clone(),
         };
-        let link = block_on(
+        let ring = block_on(
             ctx,
-            crate::tcp_ring::TcpRing::connect(
+            Ring::connect_socket(
                 &ctx.data_hub,
                 &a.job_id,
                 a.generation,
                 rank,
                 &peers,
-                ring_config.timeout,
-                ring_config.chunk_elems,
+                ring_config,
                 ctx.cancel.clone(),
             ),
         )?;
         info!(
             rank,
             generation = a.generation,
-            same_host_socket = link.is_local(),
+            same_host_socket = ring.is_local(),
             "ring data link to the right neighbour is up"
         );
-        Ring::Tcp(link)
+        ring
     } else {
-        Ring::Grpc(block_on(
+        block_on(
             ctx,
-            RingLink::connect(
+            Ring::connect_grpc(
                 ctx.hub.clone(),
                 &a.job_id,
                 a.generation,
@@ -407,7 +433,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 ring_config,
                 ctx.cancel.clone(),
             ),
-        )?)
+        )?
     };
     let validation = if plan.validation_samples > 0 {
         block_on(ctx, fetch(ctx, Split::Validation, 0))?
@@ -420,13 +446,9 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
         .with_threads(threads);
     let p = mlp.num_params();
     let classes = mlp.metric_classes();
-    let has_l2 = plan.model.layers.iter().any(|l| l.l2 > 0.0);
     let mut params = plan.model.init_params(plan.seed);
     let mut opt = Optimizer::new(plan.optimizer, p);
-    let base_lr = plan.optimizer.learning_rate();
-    // Gradient, then the batch's metric sums: one all-reduce gives both, so every rank
-    // knows the exact global loss and metrics of every step.
-    let mut buf = vec![0f32; p + MetricSums::flat_len(classes)];
+    let mut pipeline = StepPipeline::from_plan(plan, &mlp, threads);
     let d = plan.features;
     let mut step: u64 = 0;
     let mut best: Option<(f64, Vec<f32>)> = None;
@@ -470,49 +492,33 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             let t_step = Instant::now();
             step += 1;
             let _span = info_span!("step", step).entered();
-            let x = &shard.x[cursor * d..(cursor + rows) * d];
-            let y = &shard.y[cursor..cursor + rows];
-            let key = DropoutKey {
-                seed: plan.seed,
-                step,
-                samples: &shard.idx[cursor..cursor + rows],
+            let batch = Batch {
+                x: &shard.x[cursor * d..(cursor + rows) * d],
+                y: &shard.y[cursor..cursor + rows],
+                rows,
+                dropout: DropoutKey {
+                    seed: plan.seed,
+                    step,
+                    samples: &shard.idx[cursor..cursor + rows],
+                },
             };
             cursor += rows;
-            let t_compute = Instant::now();
-            let sums = mlp.forward_backward(&params, x, y, rows, &mut buf[..p], Some(&key))?;
-            sums.write_flat(&mut buf[p..]);
-            timing.compute += t_compute.elapsed().as_secs_f64();
-            {
-                let t = Instant::now();
-                let span = info_span!(
-                    "all_reduce",
-                    bytes = buf.len() * 4,
-                    seconds = tracing::field::Empty
-                );
-                let _ar = span.enter();
-                block_on(ctx, ring.all_reduce(&mut buf, step))?;
-                let secs = t.elapsed().as_secs_f64();
-                span.record("seconds", secs);
-                timing.allreduce += secs;
-            }
-            let t_opt = Instant::now();
-            let global = MetricSums::from_flat(classes, &buf[p..]);
-            let m = global.count.max(1.0);
-            let inv = (1.0 / m) as f32;
-            let grad = &mut buf[..p];
-            grad.iter_mut().for_each(|g| *g *= inv);
-            let penalty = if has_l2 {
-                plan.model.add_l2_grad(&params, grad);
-                plan.model.l2_penalty(&params)
-            } else {
-                0.0
-            };
-            if let Some(c) = plan.clip_norm {
-                clip_by_global_norm(grad, c);
-            }
-            let lr = plan.schedule.rate(base_lr, step - 1, plan.warmup_steps);
-            opt.step_threads(&mut params, grad, lr, threads);
-            timing.optimizer += t_opt.elapsed().as_secs_f64();
+            let out = pipeline.run(
+                plan,
+                &mlp,
+                &mut params,
+                &mut opt,
+                &batch,
+                step,
+                &mut BlockingRing {
+                    ctx,
+                    ring: &mut ring,
+                },
+            )?;
+            timing.compute += out.compute_secs;
+            timing.allreduce += out.allreduce_secs;
+            timing.optimizer += out.optimizer_secs;
+            let (global, penalty, m) = (&out.global, out.penalty, out.batch());
             penalty_sum += penalty * m;
             reports.send(worker_report::Kind::Step(StepReport {
                 step,
@@ -522,7 +528,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 param_hash: crate::param_hash(&params),
                 global_batch: m as u32,
             }));
-            epoch_sums.add(&global);
+            epoch_sums.add(global);
             if rank == 0 && plan.checkpoint_every > 0 && step.is_multiple_of(plan.checkpoint_every)
             {
                 // One upload at a time: the previous one has had `checkpoint_every`

@@ -1,7 +1,8 @@
-//! The production ring all-reduce on loopback, over both data planes (gRPC `Collective`
-//! streams and the plain-TCP data plane): equality with the naive sum for every world
-//! size 1..=5 and awkward lengths, bit-identical results on every rank, tag checking, a
-//! lost peer turning into an error instead of a hang, and strangers refused.
+//! The production ring all-reduce on loopback: the one engine over each of its three
+//! transports (gRPC `Collective` streams, TCP, same-host Unix sockets): equality with the
+//! naive sum for every world size 1..=5 and awkward lengths, an exact wrapping u64 sum,
+//! bit-identical results on every rank, tag checking, a lost peer turning into an error
+//! instead of a hang, and strangers refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringtrain_proto::v1::collective_server::CollectiveServer;
-use ringtrain_worker::collective::{CollectiveHub, Ring, RingConfig, RingLink};
+use ringtrain_worker::collective::CollectiveHub;
+use ringtrain_worker::engine::{Ring, RingConfig};
 use ringtrain_worker::grpc::CollectiveService;
+use ringtrain_worker::ring::{WrappingSumU32, WrappingSumU64};
 use ringtrain_worker::rng::Rng;
-use ringtrain_worker::tcp_ring::{
-    accept_local_loop, accept_loop, bind_local, DataHub, DataPeers, TcpRing,
-};
+use ringtrain_worker::tcp_ring::{accept_local_loop, accept_loop, bind_local, DataHub, DataPeers};
 use ringtrain_worker::WorkerError;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -54,18 +55,16 @@ async fn connect(
     match plane {
         Plane::Grpc => {
             let peers: Vec<String> = nodes[..world].iter().map(|n| n.addr.clone()).collect();
-            Ok(Ring::Grpc(
-                RingLink::connect(
-                    nodes[rank].hub.clone(),
-                    "job-test",
-                    generation,
-                    rank,
-                    &peers,
-                    config,
-                    cancel,
-                )
-                .await?,
-            ))
+            Ring::connect_grpc(
+                nodes[rank].hub.clone(),
+                "job-test",
+                generation,
+                rank,
+                &peers,
+                config,
+                cancel,
+            )
+            .await
         }
         Plane::Tcp | Plane::Unix => {
             let data = DataPeers {
@@ -80,20 +79,19 @@ async fn connect(
                     Vec::new()
                 },
             };
-            let ring = TcpRing::connect(
+            let ring = Ring::connect_socket(
                 &nodes[rank].data_hub,
                 "job-test",
                 generation,
                 rank,
                 &data,
-                config.timeout,
-                config.chunk_elems,
+                config,
                 cancel,
             )
             .await?;
             // The link really is the transport under test.
             assert_eq!(ring.is_local(), plane == Plane::Unix && world > 1);
-            Ok(Ring::Tcp(ring))
+            Ok(ring)
         }
     }
 }
@@ -180,7 +178,7 @@ async fn all_reduce_equals_naive_sum_for_worlds_1_to_5() {
     let config = RingConfig {
         timeout: Duration::from_secs(30),
         // Small sub-chunks so the long vector also exercises many chunks per segment.
-        chunk_elems: 64 * 1024,
+        chunk_bytes: 256 * 1024,
     };
     for plane in PLANES {
         for world in 1..=5usize {
@@ -212,6 +210,76 @@ async fn all_reduce_equals_naive_sum_for_worlds_1_to_5() {
                 }
             }
         }
+    }
+}
+
+/// Secure aggregation's sum: wrapping u64 (and u32) through the same engine over every
+/// transport, exact, with pairwise masks that cancel; a rank that reduces another type
+/// than its neighbours fails the tag check instead of mixing bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrapping_integer_sums_are_exact_and_masks_cancel_over_every_transport() {
+    let nodes = Arc::new(start_nodes(3).await);
+    let mut rng = Rng::new(21);
+    let (world, len) = (3usize, 70_001usize);
+    let plain: Vec<Vec<u64>> = (0..world)
+        .map(|_| (0..len).map(|_| rng.next_u64()).collect())
+        .collect();
+    let mut masked = plain.clone();
+    for i in 0..world {
+        for j in i + 1..world {
+            let mask: Vec<u64> = (0..len).map(|_| rng.next_u64()).collect();
+            for (x, m) in masked[i].iter_mut().zip(&mask) {
+                *x = x.wrapping_add(*m);
+            }
+            for (x, m) in masked[j].iter_mut().zip(&mask) {
+                *x = x.wrapping_sub(*m);
+            }
+        }
+    }
+    let want: Vec<u64> = (0..len)
+        .map(|k| plain.iter().fold(0u64, |a, b| a.wrapping_add(b[k])))
+        .collect();
+    let want32: Vec<u32> = (0..len)
+        .map(|k| plain.iter().fold(0u32, |a, b| a.wrapping_add(b[k] as u32)))
+        .collect();
+    let config = RingConfig {
+        timeout: Duration::from_secs(30),
+        chunk_bytes: 64 * 1024,
+    };
+    for (generation, plane) in [(41, Plane::Grpc), (42, Plane::Tcp), (43, Plane::Unix)] {
+        let mut tasks = Vec::new();
+        for (rank, mut buf) in masked.clone().into_iter().enumerate() {
+            let nodes = nodes.clone();
+            let mut small: Vec<u32> = plain[rank].iter().map(|v| *v as u32).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut ring = connect(&nodes, plane, generation, rank, world, config).await?;
+                ring.reduce::<WrappingSumU64>(&mut buf, 5).await?;
+                ring.reduce::<WrappingSumU32>(&mut small, 5).await?;
+                ring.close().await;
+                Ok::<_, WorkerError>((buf, small))
+            }));
+        }
+        for t in tasks {
+            let (sum, small) = t.await.unwrap().unwrap();
+            assert!(sum == want, "{plane:?}: u64 sum differs");
+            assert!(small == want32, "{plane:?}: u32 sum differs");
+        }
+
+        // Rank 0 sums u64 while rank 1 sums f32 of the same byte length: refused.
+        let gen2 = generation + 100;
+        let n = nodes.clone();
+        let other = tokio::spawn(async move {
+            let mut ring = connect(&n, plane, gen2, 1, 2, config).await?;
+            ring.all_reduce(&mut [1.0f32; 20], 5).await
+        });
+        let mut ring = connect(&nodes, plane, gen2, 0, 2, config).await.unwrap();
+        let mine = ring.reduce::<WrappingSumU64>(&mut [1u64; 10], 5).await;
+        let theirs = other.await.unwrap();
+        assert!(
+            matches!(mine, Err(WorkerError::TagMismatch { .. }))
+                || matches!(theirs, Err(WorkerError::TagMismatch { .. })),
+            "{plane:?}: {mine:?} {theirs:?}"
+        );
     }
 }
 
@@ -313,14 +381,13 @@ async fn a_vanished_socket_peer_is_an_error_and_a_stranger_is_refused() {
         });
         let own_hub = DataHub::default();
         // The stranger's own inbound side simply times out; what matters is rank 0's view.
-        let _ = TcpRing::connect(
+        let _ = Ring::connect_socket(
             &own_hub,
             "job-test",
             generation + 1,
             1,
             &stranger,
-            config.timeout,
-            1024,
+            config,
             CancellationToken::new(),
         )
         .await;
@@ -345,10 +412,10 @@ async fn a_vanished_peer_is_an_error_within_the_deadline() {
     let hub1 = nodes[1].hub.clone();
     let leaver = tokio::spawn(async move {
         let link =
-            RingLink::connect(hub1, "job-test", 9, 1, &p, config, CancellationToken::new()).await;
+            Ring::connect_grpc(hub1, "job-test", 9, 1, &p, config, CancellationToken::new()).await;
         drop(link);
     });
-    let mut link0 = RingLink::connect(
+    let mut link0 = Ring::connect_grpc(
         nodes[0].hub.clone(),
         "job-test",
         9,
@@ -405,14 +472,13 @@ async fn a_socket_name_from_another_host_is_not_dialed() {
     for rank in 0..2 {
         let (nodes, data) = (nodes.clone(), data.clone());
         tasks.push(tokio::spawn(async move {
-            let mut ring = TcpRing::connect(
+            let mut ring = Ring::connect_socket(
                 &nodes[rank].data_hub,
                 "job-test",
                 31,
                 rank,
                 &data,
-                config.timeout,
-                config.chunk_elems,
+                config,
                 CancellationToken::new(),
             )
             .await
