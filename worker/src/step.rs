@@ -457,6 +457,143 @@ mod tests {
         assert_eq!(out, vec![-1.25, 2.25, 8.0]);
     }
 
+    /// The credit example's plan (dropout, L2, AdamW) with clipping on.
+    fn credit_plan() -> TrainingPlan {
+        let file = ringtrain_core::job_file::JobFile::parse(
+            include_str!("../../examples/credit-binary.toml"),
+            "examples/credit-binary.toml",
+        )
+        .unwrap();
+        TrainingPlan {
+            name: file.name.clone(),
+            seed: file.seed,
+            epochs: file.epochs,
+            batch_size: file.batch_size,
+            model: file.model.clone(),
+            loss: file.train.loss,
+            metrics: file.train.metrics.clone(),
+            optimizer: file.train.optimizer,
+            schedule: file.train.schedule,
+            warmup_steps: 3,
+            clip_norm: Some(0.05),
+            early_stopping: None,
+            checkpoint_every: 0,
+            train_samples: 64,
+            validation_samples: 0,
+            test_samples: 0,
+            features: file.model.input,
+            collective_timeout_ms: 1000,
+            target_center: 0.0,
+            max_steps: None,
+        }
+    }
+
+    /// A ring of `world` ranks that all contributed the same buffer.
+    struct Replicated(usize);
+
+    impl Collective for Replicated {
+        fn sum_f32(&mut self, buf: &mut [f32], _: u64) -> Result<(), WorkerError> {
+            let mut bufs = vec![buf.to_vec(); self.0];
+            ring::simulate::<SumF32>(&mut bufs);
+            buf.copy_from_slice(&bufs[0]);
+            Ok(())
+        }
+        fn sum_u64(&mut self, _: &mut [u64], _: u64) -> Result<(), WorkerError> {
+            unreachable!("no secure aggregation in this pipeline")
+        }
+    }
+
+    #[test]
+    fn the_pipeline_is_its_stages_in_order_bit_for_bit() {
+        // The step as the trainer wrote it before it became a pipeline, stage by stage,
+        // against `StepPipeline::run`: the same bytes after three steps.
+        let plan = credit_plan();
+        let mlp = Mlp::new(plan.model.clone(), plan.loss).with_threads(1);
+        let p = mlp.num_params();
+        let mut rng = crate::rng::Rng::new(5);
+        let rows = 16;
+        let x: Vec<f32> = (0..rows * plan.features)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let y: Vec<f32> = (0..rows).map(|i| (i % 2) as f32).collect();
+        let idx: Vec<u32> = (0..rows as u32).collect();
+        let mut pipeline = StepPipeline::from_plan(&plan, &mlp, 1);
+        assert_eq!(
+            pipeline.stages(),
+            [
+                Stage::Scale,
+                Stage::AllReduce,
+                Stage::Divide,
+                Stage::Regularize,
+                Stage::Optimize
+            ]
+        );
+        let (mut pa, mut oa) = (
+            plan.model.init_params(plan.seed),
+            Optimizer::new(plan.optimizer, p),
+        );
+        let (mut pb, mut ob) = (pa.clone(), oa.clone());
+        let mut buf = vec![0f32; p + MetricSums::flat_len(mlp.metric_classes())];
+        for step in 1..=3u64 {
+            let batch = Batch {
+                x: &x,
+                y: &y,
+                rows,
+                dropout: DropoutKey {
+                    seed: plan.seed,
+                    step,
+                    samples: &idx,
+                },
+            };
+            let out = pipeline
+                .run(
+                    &plan,
+                    &mlp,
+                    &mut pa,
+                    &mut oa,
+                    &batch,
+                    step,
+                    &mut Replicated(2),
+                )
+                .unwrap();
+            let sums = mlp
+                .forward_backward(&pb, &x, &y, rows, &mut buf[..p], Some(&batch.dropout))
+                .unwrap();
+            sums.write_flat(&mut buf[p..]);
+            Replicated(2).sum_f32(&mut buf, step).unwrap();
+            let global = MetricSums::from_flat(mlp.metric_classes(), &buf[p..]);
+            let inv = (1.0 / global.count.max(1.0)) as f32;
+            buf[..p].iter_mut().for_each(|g| *g *= inv);
+            plan.model.add_l2_grad(&pb, &mut buf[..p]);
+            let penalty = plan.model.l2_penalty(&pb);
+            clip_by_global_norm(&mut buf[..p], 0.05);
+            let lr = plan
+                .schedule
+                .rate(plan.optimizer.learning_rate(), step - 1, 3);
+            ob.step_threads(&mut pb, &buf[..p], lr, 1);
+            assert_eq!(out.global, global);
+            assert_eq!(out.batch(), 2.0 * rows as f64);
+            assert_eq!(out.penalty.to_bits(), penalty.to_bits());
+            assert!(
+                pa.iter().zip(&pb).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "step {step}"
+            );
+        }
+        // The clip stage bounded the update's gradient: the parameters moved.
+        assert_ne!(pa, plan.model.init_params(plan.seed));
+    }
+
+    #[test]
+    fn regularize_clips_to_the_global_norm() {
+        let plan = credit_plan();
+        let params = plan.model.init_params(plan.seed);
+        let mut g = vec![1.0f32; params.len()];
+        let penalty = regularize(&plan, false, &params, &mut g);
+        assert_eq!(penalty, 0.0);
+        let norm = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 0.05).abs() < 1e-6, "{norm}");
+    }
+
     #[test]
     fn a_privatize_hook_runs_on_the_local_gradient_only() {
         struct Halve;
