@@ -70,7 +70,7 @@ pub struct TrainingPlan {
     pub test_samples: usize,
     /// Features per sample.
     pub features: usize,
-    /// Deadline of any single collective send or receive, in milliseconds.
+    /// Deadline of one ring round (and of any single send or receive), in milliseconds.
     pub collective_timeout_ms: u64,
     /// Mean of the training targets (regression; 0 otherwise), subtracted in metric sums.
     #[serde(default)]
