@@ -15,6 +15,11 @@ pub struct ServerConfig {
     /// Largest model (parameters, gradient and optimizer state, in bytes) a job may ask
     /// a worker to hold; larger ones are refused at submit.
     pub max_model_bytes: u64,
+    /// How often the coordinator pings each connection (HTTP/2 keepalive); a worker
+    /// behind a partition is noticed within this plus [`ServerConfig::keepalive_timeout`].
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
 }
 
 /// The ring's transport for bulk data.
@@ -49,6 +54,8 @@ impl Default for ServerConfig {
             collective_timeout: Duration::from_secs(20),
             data_plane: DataPlane::default(),
             max_model_bytes: default_max_model_bytes(),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -17,11 +17,6 @@ use crate::error::CoordinatorError;
 use crate::grpc::CoordinatorApi;
 use crate::service::Coordinator;
 
-/// How often the coordinator pings each connection.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a ping may go unanswered before the connection is closed.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// How long background tasks get to finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -36,8 +31,8 @@ pub async fn serve(
         .tcp_nodelay(true)
         // A worker behind a partition sends nothing and receives nothing; keepalive pings
         // are what notice it (its attach stream then ends and it is detached).
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(core.config().keepalive_interval))
+        .http2_keepalive_timeout(Some(core.config().keepalive_timeout))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(
@@ -65,4 +60,130 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
     serve(Coordinator::new(config), listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringtrain_proto::v1::{
+        job_service_client::JobServiceClient, worker_control_client::WorkerControlClient,
+        AttachRequest, JobRequest, SubmitRequest,
+    };
+    use tokio::io::AsyncWriteExt;
+
+    const JOB: &str = r#"
+name = "t"
+epochs = 50
+batch_size = 8
+workers = 1
+[data]
+train = { format = "synthetic", samples = 64, features = 3, classes = 2 }
+[model]
+input = 3
+layers = [{ dense = 2, activation = "softmax" }]
+[train]
+loss = "sparse_categorical_crossentropy"
+"#;
+
+    /// A TCP relay to `target` that can be frozen: once `freeze` fires it stops moving
+    /// bytes either way but keeps both sockets open, as a network partition does.
+    async fn relay(
+        target: std::net::SocketAddr,
+        freeze: CancellationToken,
+    ) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let freeze = freeze.clone();
+                tokio::spawn(async move {
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = outbound.into_split();
+                    let pump = async {
+                        tokio::join!(
+                            tokio::io::copy(&mut ri, &mut wo),
+                            tokio::io::copy(&mut ro, &mut wi)
+                        )
+                    };
+                    tokio::select! {
+                        _ = pump => {}
+                        _ = freeze.cancelled() => {}
+                    }
+                    // Hold the sockets open, silent, until the test ends.
+                    std::future::pending::<()>().await;
+                    let _ = (wi.shutdown().await, wo.shutdown().await);
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_partitioned_worker_of_a_one_worker_job_is_noticed_by_keepalive() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = Coordinator::new(ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            keepalive_interval: Duration::from_millis(300),
+            keepalive_timeout: Duration::from_millis(600),
+            ..ServerConfig::default()
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(core.clone(), listener, stop.clone()));
+        let freeze = CancellationToken::new();
+        let via = relay(server_addr, freeze.clone()).await;
+        // The "worker" attaches through the relay and then only listens, as a worker
+        // busy in a one-worker job does: nothing else would notice it vanish.
+        let mut worker = WorkerControlClient::connect(format!("http://{via}"))
+            .await
+            .unwrap();
+        let mut control = worker
+            .attach(AttachRequest {
+                collective_addr: "127.0.0.1:1".into(),
+                name: "partitioned".into(),
+                protocol_version: ringtrain_proto::PROTOCOL_VERSION,
+                ..AttachRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut jobs = JobServiceClient::connect(format!("http://{server_addr}"))
+            .await
+            .unwrap();
+        let id = jobs
+            .submit(SubmitRequest {
+                spec_toml: JOB.into(),
+                ..SubmitRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        // Registered, then the assignment.
+        for _ in 0..2 {
+            control.message().await.unwrap().unwrap();
+        }
+        freeze.cancel();
+        let started = tokio::time::Instant::now();
+        let failed = loop {
+            let s = jobs
+                .get(JobRequest { job_id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if s.state == "failed" {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the partitioned worker was never noticed: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(failed.error.contains("was lost"), "{}", failed.error);
+        stop.cancel();
+        let _ = server.await;
+    }
 }

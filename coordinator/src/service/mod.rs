@@ -177,6 +177,11 @@ impl Coordinator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How this coordinator runs.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
     /// Background tasks (attach watchers), for a bounded shutdown.
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks
