@@ -35,3 +35,28 @@ pub use config::{DataPlane, ServerConfig};
 pub use error::CoordinatorError;
 pub use ringtrain_core::{checkpoint, job_file, SpecError};
 pub use service::Coordinator;
+
+#[cfg(test)]
+pub(crate) mod test_jobs {
+    //! Job files the crate's unit tests share.
+
+    /// A tiny synthetic classification job: `workers` workers, `epochs` epochs of 64
+    /// samples with 3 features, one softmax layer.
+    pub(crate) fn tiny(workers: u32, epochs: u32) -> String {
+        format!(
+            r#"
+name = "t"
+epochs = {epochs}
+batch_size = 8
+workers = {workers}
+[data]
+train = {{ format = "synthetic", samples = 64, features = 3, classes = 2 }}
+[model]
+input = 3
+layers = [{{ dense = 2, activation = "softmax" }}]
+[train]
+loss = "sparse_categorical_crossentropy"
+"#
+        )
+    }
+}

@@ -220,23 +220,7 @@ mod tests {
     async fn a_worker_that_dies_before_attaching_fails_the_job_with_its_stderr() {
         let dir = tempfile::tempdir().unwrap();
         let job = dir.path().join("job.toml");
-        std::fs::write(
-            &job,
-            r#"
-name = "t"
-epochs = 1
-batch_size = 8
-workers = 2
-[data]
-train = { format = "synthetic", samples = 64, features = 3, classes = 2 }
-[model]
-input = 3
-layers = [{ dense = 2, activation = "softmax" }]
-[train]
-loss = "sparse_categorical_crossentropy"
-"#,
-        )
-        .unwrap();
+        std::fs::write(&job, crate::test_jobs::tiny(2, 1)).unwrap();
         // A "worker" that fails at start-up, before it could attach.
         let exe = dir.path().join("broken-worker");
         std::fs::write(

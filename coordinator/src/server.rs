@@ -71,20 +71,6 @@ mod tests {
     };
     use tokio::io::AsyncWriteExt;
 
-    const JOB: &str = r#"
-name = "t"
-epochs = 50
-batch_size = 8
-workers = 1
-[data]
-train = { format = "synthetic", samples = 64, features = 3, classes = 2 }
-[model]
-input = 3
-layers = [{ dense = 2, activation = "softmax" }]
-[train]
-loss = "sparse_categorical_crossentropy"
-"#;
-
     /// A TCP relay to `target` that can be frozen: once `freeze` fires it stops moving
     /// bytes either way but keeps both sockets open, as a network partition does.
     async fn relay(
@@ -154,7 +140,7 @@ loss = "sparse_categorical_crossentropy"
             .unwrap();
         let id = jobs
             .submit(SubmitRequest {
-                spec_toml: JOB.into(),
+                spec_toml: crate::test_jobs::tiny(1, 50),
                 ..SubmitRequest::default()
             })
             .await

@@ -706,20 +706,6 @@ mod tests {
         StepReport, WorkerReport,
     };
 
-    const JOB: &str = r#"
-name = "t"
-epochs = 1
-batch_size = 8
-workers = 2
-[data]
-train = { format = "synthetic", samples = 64, features = 3, classes = 2 }
-[model]
-input = 3
-layers = [{ dense = 2, activation = "softmax" }]
-[train]
-loss = "sparse_categorical_crossentropy"
-"#;
-
     fn step(job: &str, rank: u32, worker: &str, hash: u64) -> WorkerReport {
         WorkerReport {
             job_id: job.into(),
@@ -747,7 +733,7 @@ loss = "sparse_categorical_crossentropy"
         });
         let id = core
             .submit(SubmitRequest {
-                spec_toml: JOB.into(),
+                spec_toml: crate::test_jobs::tiny(2, 1),
                 ..SubmitRequest::default()
             })
             .await
