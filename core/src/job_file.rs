@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::loss::{LossKind, Metric};
 use crate::model::ModelSpec;
 use crate::optimizer::{OptimizerConfig, Schedule};
-use crate::plan::EarlyStopping;
+use crate::plan::{EarlyStopping, TrainingPlan};
 use serde::{Deserialize, Serialize};
 
 use crate::error::SpecError;
@@ -244,6 +244,33 @@ impl JobFile {
         })
     }
 
+    /// The training plan workers receive for this job. `data` carries what only the
+    /// loaded datasets and the coordinator know; everything else comes from the file.
+    pub fn training_plan(&self, data: PlanData) -> TrainingPlan {
+        TrainingPlan {
+            name: self.name.clone(),
+            seed: self.seed,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            model: self.model.clone(),
+            loss: self.train.loss,
+            metrics: self.train.metrics.clone(),
+            optimizer: self.train.optimizer,
+            schedule: self.train.schedule,
+            warmup_steps: self.train.warmup_steps,
+            clip_norm: self.train.clip_norm,
+            early_stopping: self.train.early_stopping.clone(),
+            checkpoint_every: self.checkpoint.every_steps,
+            train_samples: data.train_samples,
+            validation_samples: data.validation_samples,
+            test_samples: data.test_samples,
+            features: data.features,
+            collective_timeout_ms: data.collective_timeout_ms,
+            target_center: data.target_center,
+            max_steps: data.max_steps,
+        }
+    }
+
     /// Checks that one worker can hold the model: parameters, the gradient, a checkpoint
     /// copy and the optimizer's state, at 4 bytes a value, must fit in `limit` bytes.
     /// The error names the largest dense layer, which is the one to shrink.
@@ -469,6 +496,26 @@ impl JobFile {
         }
         self
     }
+}
+
+/// The parts of a [`TrainingPlan`] that the job file alone does not give: sizes of the
+/// loaded data, the coordinator's collective deadline, a benchmark's step limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanData {
+    /// Training samples.
+    pub train_samples: usize,
+    /// Validation samples (0: none).
+    pub validation_samples: usize,
+    /// Test samples (0: none).
+    pub test_samples: usize,
+    /// Features per sample.
+    pub features: usize,
+    /// Deadline of one ring round, in milliseconds.
+    pub collective_timeout_ms: u64,
+    /// Mean of the regression targets (0 for classification).
+    pub target_center: f64,
+    /// Stop after this many steps (benchmarks).
+    pub max_steps: Option<u64>,
 }
 
 /// `bytes` in binary units, for messages ("5.8 TiB").

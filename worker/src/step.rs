@@ -464,20 +464,7 @@ mod tests {
             "examples/credit-binary.toml",
         )
         .unwrap();
-        TrainingPlan {
-            name: file.name.clone(),
-            seed: file.seed,
-            epochs: file.epochs,
-            batch_size: file.batch_size,
-            model: file.model.clone(),
-            loss: file.train.loss,
-            metrics: file.train.metrics.clone(),
-            optimizer: file.train.optimizer,
-            schedule: file.train.schedule,
-            warmup_steps: 3,
-            clip_norm: Some(0.05),
-            early_stopping: None,
-            checkpoint_every: 0,
+        let mut plan = file.training_plan(ringtrain_core::job_file::PlanData {
             train_samples: 64,
             validation_samples: 0,
             test_samples: 0,
@@ -485,7 +472,12 @@ mod tests {
             collective_timeout_ms: 1000,
             target_center: 0.0,
             max_steps: None,
-        }
+        });
+        plan.warmup_steps = 3;
+        plan.clip_norm = Some(0.05);
+        plan.early_stopping = None;
+        plan.checkpoint_every = 0;
+        plan
     }
 
     /// A ring of `world` ranks that all contributed the same buffer.

@@ -47,7 +47,7 @@ use tracing::{info, warn};
 use crate::checkpoint::CheckpointStore;
 use crate::config::ServerConfig;
 use crate::error::CoordinatorError;
-use crate::job_file::JobFile;
+use crate::job_file::{JobFile, PlanData};
 use crate::job_machine::{Effect, Event, JobMachine, JobState, LossPolicy};
 
 /// Control messages buffered per worker. A worker reads its stream continuously, so a
@@ -396,33 +396,20 @@ impl Coordinator {
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         };
-        let plan = TrainingPlan {
-            name: file.name.clone(),
-            seed: file.seed,
-            epochs: file.epochs,
-            batch_size: file.batch_size,
-            model: file.model.clone(),
-            loss: file.train.loss,
-            metrics: file.train.metrics.clone(),
-            optimizer: file.train.optimizer,
-            schedule: file.train.schedule,
-            warmup_steps: file.train.warmup_steps,
-            clip_norm: file.train.clip_norm,
-            early_stopping: file.train.early_stopping.clone(),
-            checkpoint_every: file.checkpoint.every_steps,
+        let plan = file.training_plan(PlanData {
             train_samples: data.train.rows(),
             validation_samples: data.validation.rows(),
             test_samples: data.test.as_ref().map(|t| t.rows()).unwrap_or(0),
             features: data.train.features,
             collective_timeout_ms: self.config.collective_timeout.as_millis() as u64,
-            max_steps: (req.max_steps > 0).then_some(req.max_steps),
             target_center: if file.train.loss.is_classification() {
                 0.0
             } else {
                 data.train.y.iter().map(|&v| v as f64).sum::<f64>()
                     / data.train.rows().max(1) as f64
             },
-        };
+            max_steps: (req.max_steps > 0).then_some(req.max_steps),
+        });
         let plan_json = serde_json::to_string(&plan)
             .map_err(|e| CoordinatorError::Serialize(format!("the training plan: {e}")))?;
         let mut st = self.lock();
