@@ -126,6 +126,12 @@ pub enum Event {
         lost_rank: Option<Rank>,
         /// Where that peer was (its address), for the message.
         lost_detail: String,
+        /// Whether the blame is settled. A rank whose neighbour failed sees its own link
+        /// break too and may report the neighbour, not the worker that really died; while
+        /// the peer it names is still attached, the report is only a suspicion and is
+        /// looked at again after a grace (by then a dead worker's detach has arrived and
+        /// named the right one).
+        confirmed: bool,
     },
     /// Rank 0 uploaded a checkpoint of the current generation.
     CheckpointUploaded {
@@ -183,6 +189,11 @@ pub enum Effect {
         step: Step,
         /// Whether it is the end-of-training checkpoint.
         final_: bool,
+    },
+    /// Feed this event again after a grace period (an unconfirmed loss report).
+    ConfirmLater {
+        /// The event, marked confirmed.
+        event: Box<Event>,
     },
     /// The job reached a terminal state.
     EndJob {
@@ -315,6 +326,26 @@ impl JobMachine {
                 message,
                 lost_rank,
                 lost_detail,
+                confirmed: false,
+            } if lost_rank.is_some() && self.state == JobState::Running => {
+                vec![Effect::ConfirmLater {
+                    event: Box::new(Event::Failure {
+                        rank,
+                        worker,
+                        message,
+                        lost_rank,
+                        lost_detail,
+                        confirmed: true,
+                    }),
+                }]
+            }
+            Event::Failure {
+                rank,
+                worker,
+                message,
+                lost_rank,
+                lost_detail,
+                ..
             } => self.on_failure(rank, &worker, &message, lost_rank, &lost_detail),
             Event::CheckpointUploaded { step, final_ } if self.state == JobState::Running => {
                 vec![Effect::WriteCheckpoint { step, final_ }]

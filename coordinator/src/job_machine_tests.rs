@@ -287,6 +287,7 @@ fn rows() -> Vec<Row> {
                 message: "no ring chunk within 20s".into(),
                 lost_rank: Some(Rank(1)),
                 lost_detail: "127.0.0.1:9".into(),
+                confirmed: true,
             },
             state: Waiting,
             effects: vec![cancel_gen(
@@ -304,12 +305,36 @@ fn rows() -> Vec<Row> {
                 message: "early eof".into(),
                 lost_rank: Some(Rank(1)),
                 lost_detail: "127.0.0.1:9".into(),
+                confirmed: true,
             },
             Failed,
             vec![
                 cancel_gen(1, &[1], "failed"),
                 failed("worker w-2 (rank 1, 127.0.0.1:9) was lost in generation 1: rank 0 reports: early eof"),
             ],
+        ),
+        row(
+            "an unconfirmed loss report (the named peer is still attached) is looked at again later",
+            vec![avail(&[1, 2])],
+            Event::Failure {
+                rank: Rank(0),
+                worker: w(1),
+                message: "early eof".into(),
+                lost_rank: Some(Rank(1)),
+                lost_detail: "127.0.0.1:9".into(),
+                confirmed: false,
+            },
+            Running,
+            vec![Effect::ConfirmLater {
+                event: Box::new(Event::Failure {
+                    rank: Rank(0),
+                    worker: w(1),
+                    message: "early eof".into(),
+                    lost_rank: Some(Rank(1)),
+                    lost_detail: "127.0.0.1:9".into(),
+                    confirmed: true,
+                }),
+            }],
         ),
         row(
             "a rank's own failure fails the job",
@@ -320,6 +345,7 @@ fn rows() -> Vec<Row> {
                 message: "label 12 is out of range".into(),
                 lost_rank: None,
                 lost_detail: String::new(),
+                confirmed: false,
             },
             Failed,
             vec![

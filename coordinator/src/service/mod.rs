@@ -54,6 +54,9 @@ use crate::job_machine::{Effect, Event, JobMachine, JobState, LossPolicy};
 /// full buffer means it is stuck: it is dropped rather than sent to silently.
 const CONTROL_CAPACITY: usize = 16;
 
+/// How long an unconfirmed peer-loss report waits for the real culprit's detach.
+const SUSPECT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the attach stream carries; it ends when the coordinator drops the worker.
 pub type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
@@ -152,6 +155,8 @@ pub struct Coordinator {
     epoch_tag: String,
     state: Mutex<State>,
     tasks: TaskTracker,
+    /// This coordinator, for tasks it spawns from `&self` methods.
+    me: std::sync::Weak<Coordinator>,
 }
 
 impl Coordinator {
@@ -163,11 +168,12 @@ impl Coordinator {
                 // No OS entropy: the process id still keeps two live coordinators apart.
                 std::process::id() as u16
             });
-        Arc::new(Coordinator {
+        Arc::new_cyclic(|me| Coordinator {
             config,
             epoch_tag: format!("{tag:04x}"),
             state: Mutex::new(State::default()),
             tasks: TaskTracker::new(),
+            me: me.clone(),
         })
     }
 
@@ -256,12 +262,26 @@ impl Coordinator {
                     }
                 }
                 e @ Effect::WriteCheckpoint { .. } => deferred.push(e),
+                Effect::ConfirmLater { event } => self.confirm_later(n, *event),
             }
         }
         if let Some(job) = st.jobs.get(&n) {
             publish(job);
         }
         deferred
+    }
+
+    /// Feeds `event` to job `n` again after [`SUSPECT_GRACE`], from a tracked task.
+    fn confirm_later(&self, n: u64, event: Event) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        self.tasks.spawn(async move {
+            tokio::time::sleep(SUSPECT_GRACE).await;
+            let mut st = me.lock();
+            me.apply(&mut st, n, event);
+            me.settle(&mut st);
+        });
     }
 
     /// Sends every member its assignment for `generation`, with a fresh ring token.

@@ -60,19 +60,19 @@ impl Coordinator {
                 },
                 Some(worker_report::Kind::Failure(f)) => {
                     let lost_rank = f.lost_rank.map(Rank);
-                    let lost_detail = lost_rank
-                        .and_then(|lr| {
-                            let job = st.jobs.get(&n)?;
-                            let w = job.machine.members().get(lr.index())?.clone();
-                            st.worker(&w).map(|e| e.addr.clone())
-                        })
-                        .unwrap_or_else(|| "gone".to_string());
+                    let lost_worker = lost_rank.and_then(|lr| {
+                        let job = st.jobs.get(&n)?;
+                        let w = job.machine.members().get(lr.index())?.clone();
+                        st.worker(&w).map(|e| e.addr.clone())
+                    });
                     let event = Event::Failure {
                         rank,
                         worker: WorkerId(r.worker_id.clone()),
                         message: f.message,
                         lost_rank,
-                        lost_detail,
+                        // A peer that is gone from here too is certainly lost.
+                        confirmed: lost_worker.is_none(),
+                        lost_detail: lost_worker.unwrap_or_else(|| "gone".to_string()),
                     };
                     self.apply(&mut st, n, event);
                     None
