@@ -62,7 +62,7 @@ pub fn submit_request(
     )))?;
     let mut file = JobFile::parse(&text, &source)?;
     if let Some(w) = workers {
-        file.workers = w;
+        file.workers = ringtrain_core::job_file::Workers::Exactly(w);
     }
     file.validate(&source, &base)?;
     let out_dir = match out_dir {
@@ -79,6 +79,7 @@ pub fn submit_request(
         out_dir,
         workers: workers.unwrap_or(0),
         max_steps: 0,
+        resume_dir: String::new(),
     })
 }
 

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use futures::Stream;
 use ringtrain_proto::v1::{
     job_service_server::JobService, worker_control_server::WorkerControl, AttachRequest,
-    CheckpointAck, CheckpointPart, ControlMessage, JobRequest, JobStatus, ListRequest,
-    ListResponse, ReportAck, ShardChunk, ShardRequest, SubmitRequest, SubmitResponse, WorkerReport,
+    CheckpointAck, CheckpointPart, CheckpointRequest, ControlMessage, JobRequest, JobStatus,
+    ListRequest, ListResponse, ReportAck, ShardChunk, ShardRequest, SubmitRequest, SubmitResponse,
+    WorkerReport,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -137,6 +138,22 @@ impl WorkerControl for CoordinatorApi {
             self.core.report(r).await;
         }
         Ok(Response::new(ReportAck {}))
+    }
+
+    type FetchCheckpointStream = BoxStream<CheckpointPart>;
+
+    async fn fetch_checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        let parts = self
+            .core
+            .checkpoint_parts(request.into_inner())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            parts.into_iter().map(Ok),
+        ))))
     }
 
     async fn upload_checkpoint(

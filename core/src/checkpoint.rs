@@ -64,6 +64,14 @@ pub struct ResumeState {
     /// The privacy ledger (steps taken under which noise and sampling rate), when the
     /// job trains with differential privacy; a resume never resets the budget.
     pub privacy_ledger: Option<Ledger>,
+    /// The epoch's training metric sums so far (the all-reduced global sums, flat), so
+    /// the epoch's summary and early stopping on a training metric come out the same
+    /// after a resume. Absent in checkpoints taken at an epoch's start.
+    #[serde(default)]
+    pub epoch_sums: Option<Vec<f64>>,
+    /// The epoch's L2 penalty so far (summed per example), beside `epoch_sums`.
+    #[serde(default)]
+    pub penalty_sum: f64,
 }
 
 /// Metadata saved beside the tensors.
@@ -357,6 +365,23 @@ impl CheckpointStore {
             None => Ok(None),
         }
     }
+
+    /// The newest checkpoint that verifies. One that fails its checksum (or cannot be
+    /// read) is skipped with a warning and the one before it is tried; returns the
+    /// checkpoint and the problems of the ones skipped.
+    pub fn latest_verified(&self) -> Result<(Option<Checkpoint>, Vec<String>), CheckpointError> {
+        let mut skipped = Vec::new();
+        for p in self.list()?.iter().rev() {
+            match load(p) {
+                Ok(c) => return Ok((Some(c), skipped)),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "skipping a checkpoint that does not verify; trying the one before it");
+                    skipped.push(e.to_string());
+                }
+            }
+        }
+        Ok((None, skipped))
+    }
 }
 
 /// Reads and verifies a checkpoint directory.
@@ -451,6 +476,8 @@ mod tests {
                     has_best_params: true,
                 }),
                 privacy_ledger: None,
+                epoch_sums: Some(vec![1.5, 32.0]),
+                penalty_sum: 0.0,
             },
         }
     }

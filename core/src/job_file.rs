@@ -24,9 +24,10 @@ pub struct JobFile {
     pub epochs: u32,
     /// Global batch size, split across workers.
     pub batch_size: usize,
-    /// Workers the job waits for.
-    #[serde(default = "one")]
-    pub workers: u32,
+    /// Workers per generation: a fixed count (`workers = 3`) or an elastic range
+    /// (`workers = { min = 2, max = 4 }`).
+    #[serde(default)]
+    pub workers: Workers,
     /// Where the data comes from.
     pub data: DataSection,
     /// The network.
@@ -36,10 +37,93 @@ pub struct JobFile {
     /// Checkpointing.
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// What happens when workers are lost.
+    #[serde(default)]
+    pub fault: FaultSection,
 }
 
-fn one() -> u32 {
-    1
+/// `workers`: how many workers a generation of the job has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Workers {
+    /// Exactly this many (`workers = 3`).
+    Exactly(u32),
+    /// Any count in `min..=max` (`workers = { min = 2, max = 4 }`): the job starts with
+    /// at least `min`, takes idle workers up to `max`, and keeps running while at least
+    /// `min` remain.
+    Range {
+        /// Fewest workers the job runs with.
+        min: u32,
+        /// Most workers the job takes.
+        max: u32,
+    },
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Workers::Exactly(1)
+    }
+}
+
+impl Workers {
+    /// Fewest workers a generation runs with.
+    pub fn min(self) -> u32 {
+        match self {
+            Workers::Exactly(n) => n,
+            Workers::Range { min, .. } => min,
+        }
+    }
+
+    /// Most workers a generation takes.
+    pub fn max(self) -> u32 {
+        match self {
+            Workers::Exactly(n) => n,
+            Workers::Range { max, .. } => max,
+        }
+    }
+
+    /// Whether the count may change while the job runs.
+    pub fn is_elastic(self) -> bool {
+        matches!(self, Workers::Range { .. })
+    }
+}
+
+impl std::fmt::Display for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workers::Exactly(n) => write!(f, "{n}"),
+            Workers::Range { min, max } => write!(f, "{{ min = {min}, max = {max} }}"),
+        }
+    }
+}
+
+/// `[fault]`: how long a job that lost workers may wait for replacements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSection {
+    /// Seconds a job below its minimum waits for workers before it fails.
+    #[serde(default = "default_max_wait_secs")]
+    pub max_wait_secs: u64,
+    /// New generations a job may start after losing workers before it fails.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+}
+
+fn default_max_wait_secs() -> u64 {
+    300
+}
+
+fn default_max_restarts() -> u32 {
+    100
+}
+
+impl Default for FaultSection {
+    fn default() -> Self {
+        FaultSection {
+            max_wait_secs: default_max_wait_secs(),
+            max_restarts: default_max_restarts(),
+        }
+    }
 }
 
 /// `[data]`.
@@ -330,8 +414,17 @@ impl JobFile {
         if self.batch_size == 0 {
             return Err(err("batch_size", "must be at least 1".into()));
         }
-        if self.workers == 0 {
-            return Err(err("workers", "must be at least 1".into()));
+        match self.workers {
+            Workers::Exactly(0) => return Err(err("workers", "must be at least 1".into())),
+            Workers::Range { min, max } if min == 0 || max < min => {
+                return Err(err(
+                    "workers",
+                    format!(
+                        "{{ min = {min}, max = {max} }} needs 1 <= min <= max (e.g. {{ min = 2, max = 4 }})"
+                    ),
+                ))
+            }
+            _ => {}
         }
         let vs = self.data.validation_split;
         if !(0.0..1.0).contains(&vs) {

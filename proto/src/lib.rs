@@ -14,7 +14,7 @@ pub mod v1 {
 /// coordinator and its workers). Bump it on any change an older peer would misread; a
 /// coordinator and a worker of different versions refuse each other at `Attach`.
 /// Version 1 was never sent on the wire (it reads as 0).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest message either side accepts: checkpoints of large models travel in one message.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;

@@ -210,6 +210,7 @@ pub async fn run(
                         }
                     }
                 }
+                Some(control_message::Kind::Drain(_)) => {}
                 Some(control_message::Kind::Shutdown(_)) => {
                     info!("coordinator asked this worker to shut down");
                     break 'connect;

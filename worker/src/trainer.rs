@@ -160,6 +160,7 @@ fn fetch(
         split: split as i32,
         epoch,
         worker_id: ctx.worker_id.clone(),
+        start_batch: 0,
     };
     let features = ctx.plan.features;
     async move {
@@ -545,6 +546,8 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                         schedule_step: step,
                         early_stopping: early_state(plan, &best, since_best),
                         privacy_ledger: None,
+                        epoch_sums: None,
+                        penalty_sum: 0.0,
                     },
                     best: best_params(plan, &best),
                 };
@@ -649,6 +652,8 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 schedule_step: step,
                 early_stopping: early_state(plan, &best, since_best),
                 privacy_ledger: None,
+                epoch_sums: None,
+                penalty_sum: 0.0,
             },
             best: best_params(plan, &best),
         };

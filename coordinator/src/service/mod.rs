@@ -332,6 +332,8 @@ impl Coordinator {
                 data_peers: data_peers.clone(),
                 ring_token: ring_token.clone().into(),
                 data_locals: data_locals.clone(),
+                state_floor: 0,
+                checkpoint_step: 0,
             };
             if !st.send_control(m, control_message::Kind::Assignment(a)) {
                 return Err(format!(
@@ -396,7 +398,7 @@ impl Coordinator {
         });
         let mut file = JobFile::parse(&req.spec_toml, &source)?;
         if req.workers > 0 {
-            file.workers = req.workers;
+            file.workers = crate::job_file::Workers::Exactly(req.workers);
         }
         file.validate(&source, &base)?;
         file.check_fits(&source, self.config.max_model_bytes)?;
@@ -453,7 +455,9 @@ impl Coordinator {
             job_id: id.0.clone(),
             name: file.name.clone(),
             state: JobState::Submitted.as_str().into(),
-            workers: file.workers,
+            workers: file.workers.max(),
+            workers_min: file.workers.min(),
+            workers_max: file.workers.max(),
             epochs: file.epochs,
             total_steps,
             out_dir: out_dir.display().to_string(),
@@ -461,10 +465,10 @@ impl Coordinator {
             ..JobStatus::default()
         };
         let store = CheckpointStore::new(out_dir.join("checkpoints"), file.checkpoint.keep);
-        info!(job = %id, name = %file.name, workers = file.workers, "job submitted");
+        info!(job = %id, name = %file.name, workers = %file.workers, "job submitted");
         let entry = JobEntry {
             id: id.clone(),
-            machine: JobMachine::new(file.workers as usize, LossPolicy::Fail),
+            machine: JobMachine::new(file.workers.max() as usize, LossPolicy::Fail),
             file,
             spec_hash,
             plan,

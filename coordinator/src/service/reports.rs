@@ -5,14 +5,15 @@ use std::path::PathBuf;
 use ringtrain_core::sharding;
 use ringtrain_core::{Rank, Step, WorkerId};
 use ringtrain_proto::v1::{
-    checkpoint_part, worker_report, CheckpointHeader, CheckpointPart, EpochSummary, Finished,
-    Metrics, ShardChunk, ShardRequest, Split, StepReport, WorkerReport,
+    checkpoint_part, worker_report, CheckpointData, CheckpointHeader, CheckpointPart,
+    CheckpointRequest, EpochSummary, Finished, Metrics, ShardChunk, ShardRequest, Split,
+    StepReport, WorkerReport,
 };
 use tracing::{info, info_span};
 
 use super::outputs::{append_metrics, write_model, ModelInfo};
 use super::{Coordinator, JobEntry};
-use crate::checkpoint::{CheckpointMeta, CheckpointStore, ResumeState, TrainingState};
+use crate::checkpoint::{Checkpoint, CheckpointMeta, CheckpointStore, ResumeState, TrainingState};
 use crate::error::CoordinatorError;
 use crate::job_machine::{Effect, Event};
 
@@ -88,6 +89,9 @@ impl Coordinator {
                         steps: Step(f.steps),
                     };
                     self.apply(&mut st, n, event);
+                    None
+                }
+                Some(worker_report::Kind::Resumed(_)) | Some(worker_report::Kind::Stopped(_)) => {
                     None
                 }
                 None => None,
@@ -296,6 +300,41 @@ impl Coordinator {
         Ok(found)
     }
 
+    /// The job's newest stored checkpoint that verifies, as upload-format parts (a header,
+    /// then every buffer in chunks), for a member of its running generation. A
+    /// checkpoint that fails its checksum is skipped with a warning.
+    pub async fn checkpoint_parts(
+        &self,
+        req: CheckpointRequest,
+    ) -> Result<Vec<CheckpointPart>, CoordinatorError> {
+        let store = {
+            let mut st = self.lock();
+            let n = Self::member(
+                &mut st,
+                &req.job_id,
+                req.generation,
+                req.rank,
+                &req.worker_id,
+            )?;
+            st.jobs
+                .get(&n)
+                .map(|j| j.store.clone())
+                .ok_or_else(|| CoordinatorError::UnknownJob(req.job_id.clone()))?
+        };
+        let job_id = req.job_id.clone();
+        tokio::task::spawn_blocking(move || {
+            let (found, _skipped) = store.latest_verified()?;
+            let Some(c) = found else {
+                return Err(CoordinatorError::Precondition(format!(
+                    "job {job_id} has no stored checkpoint that verifies"
+                )));
+            };
+            Ok(checkpoint_to_parts(&c))
+        })
+        .await
+        .map_err(|e| CoordinatorError::Transport(e.to_string()))?
+    }
+
     /// The rows of one split a worker should hold, as messages.
     pub fn shard(&self, req: &ShardRequest) -> Result<Vec<ShardChunk>, CoordinatorError> {
         let (data, plan, world) = {
@@ -365,6 +404,47 @@ impl Coordinator {
             })
             .collect())
     }
+}
+
+/// Bytes per checkpoint chunk sent to a worker.
+const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
+
+/// A stored checkpoint in the upload's wire format.
+fn checkpoint_to_parts(c: &Checkpoint) -> Vec<CheckpointPart> {
+    let m = &c.meta;
+    let mut buffers: Vec<(String, &[f32])> = vec![("params".into(), &c.state.params)];
+    for (name, data) in m.optimizer_slots.iter().zip(&c.state.slots) {
+        buffers.push((format!("opt.{name}"), data));
+    }
+    if let Some(b) = &c.state.best {
+        buffers.push(("best".into(), b));
+    }
+    let header = CheckpointHeader {
+        job_id: m.job_id.clone(),
+        generation: m.generation,
+        step: m.step,
+        epoch: m.epoch,
+        r#final: m.final_,
+        optimizer_t: m.optimizer_t,
+        param_hash: m.param_hash,
+        worker_id: String::new(),
+        buffers: buffers.iter().map(|(n, _)| n.clone()).collect(),
+        resume_json: serde_json::to_string(&m.resume).unwrap_or_default(),
+    };
+    let mut parts = vec![CheckpointPart {
+        kind: Some(checkpoint_part::Kind::Header(header)),
+    }];
+    for (i, (_, data)) in buffers.iter().enumerate() {
+        for chunk in bytemuck::cast_slice::<f32, u8>(data).chunks(CHECKPOINT_CHUNK_BYTES) {
+            parts.push(CheckpointPart {
+                kind: Some(checkpoint_part::Kind::Data(CheckpointData {
+                    buffer: i as u32,
+                    data: chunk.to_vec().into(),
+                })),
+            });
+        }
+    }
+    parts
 }
 
 /// Rank 0's step report, into the status (progress, latest loss and accuracy).
