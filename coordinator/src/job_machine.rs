@@ -8,12 +8,25 @@
 //! how a message reaches a worker or a file reaches the disk lives in the service.
 //!
 //! ```text
-//! Submitted ──not enough workers──▶ Waiting ──enough──▶ Running(g) ──all ranks verified──▶ Completed
-//!     │                               ▲                   │  │
-//!     └──────────enough──────────────────────────────────▶│  ├─ worker lost (policy NewGeneration) ─▶ Waiting ─▶ Running(g+1)
-//!                                                         │  └─ lost (policy Fail) / failure / divergence ─▶ Failed
+//! Submitted ──fewer than min──▶ Waiting ──at least min──▶ Running(g) ──all ranks verified──▶ Completed
+//!     │                           ▲   │                    │  │  │
+//!     └──────at least min─────────┼───┼───────────────────▶│  │  ├─ idle worker, below max ─▶ drain ─▶ all Stopped ─┐
+//!                                 │   │                    │  │  ├─ a member leaves (SIGTERM) ─▶ all Stopped ───────┤
+//!                                 │   └─max_wait_secs─▶ Failed ├─ worker lost (policy NewGeneration) ───────────────┤
+//!                                 └──────────────────────────────────────────────────────────────────────────────┘
+//!                                                           │  └─ failure / divergence / max_restarts / lost (policy Fail) ─▶ Failed
 //! any non-terminal state ──cancel──▶ Cancelled
 //! ```
+//!
+//! A generation ends in one of two ways. A **drain** (an idle worker could join, or a
+//! member leaves) stops every rank after the same step, agreed in-band, so the next
+//! generation starts where this one stopped: no rollback. A **loss** (a worker's stream
+//! breaks, or a rank reports its peer gone) cancels the survivors wherever they are; the
+//! next generation's ranks agree among themselves on the newest state any of them holds
+//! (survivors are bit-identical, so nothing is reloaded), and only when none holds any
+//! state do they load the newest checkpoint. Each generation's ranks report where they
+//! started ([`Event::Resumed`]); steps are counted once over the whole job, a redone step
+//! included.
 //!
 //! A job is completed only when every rank of the generation has reported its end with
 //! the same step count, every one of those steps was verified across all replicas, and
@@ -68,19 +81,101 @@ impl JobState {
 /// What a running job does when it loses a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LossPolicy {
-    /// The job fails, naming the lost worker and its rank (today's behaviour).
-    #[default]
+    /// The job fails, naming the lost worker and its rank.
     Fail,
     /// The generation ends and the job waits for enough workers to start the next one
-    /// from the last step every replica completed (recovery, issue 7).
+    /// from the newest state a member holds (recovery).
+    #[default]
     NewGeneration,
+}
+
+/// Why a generation started (the `kind` of a status event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartKind {
+    /// The job's first generation.
+    Start,
+    /// After a worker was lost.
+    Lost,
+    /// Idle workers joined a running elastic job.
+    Joined,
+    /// A member left gracefully (SIGTERM).
+    Left,
+    /// The job was resumed from a run directory (`--resume`).
+    Resumed,
+    /// A restarted coordinator picked the job up again.
+    Restarted,
+}
+
+impl StartKind {
+    /// The name in the status JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Start => "start",
+            StartKind::Lost => "lost",
+            StartKind::Joined => "joined",
+            StartKind::Left => "left",
+            StartKind::Resumed => "resumed",
+            StartKind::Restarted => "restarted",
+        }
+    }
+}
+
+/// One generation's start, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationEvent {
+    /// The generation.
+    pub generation: Generation,
+    /// Why it started.
+    pub kind: StartKind,
+    /// Human text, e.g. "worker w-3 (rank 2) lost".
+    pub reason: String,
+    /// The step it began from.
+    pub step: Step,
+    /// Its member count.
+    pub workers: u32,
+}
+
+/// How a job's generations are sized and how much loss it tolerates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineConfig {
+    /// Fewest members a generation runs with.
+    pub min: usize,
+    /// Most members a generation takes.
+    pub max: usize,
+    /// What a loss does.
+    pub policy: LossPolicy,
+    /// Generations started after losses before the job fails.
+    pub max_restarts: u32,
+    /// Why the first generation starts (start, or resumed from a run directory).
+    pub first: StartKind,
+    /// The first generation's reason text.
+    pub first_reason: String,
+    /// The newest stored checkpoint's step (a resumed run's), the fallback state.
+    pub checkpoint: Option<Step>,
+}
+
+impl MachineConfig {
+    /// Exactly `world` workers, recovery on.
+    pub fn fixed(world: usize) -> Self {
+        MachineConfig {
+            min: world.max(1),
+            max: world.max(1),
+            policy: LossPolicy::NewGeneration,
+            max_restarts: 100,
+            first: StartKind::Start,
+            first_reason: "job started".into(),
+            checkpoint: None,
+        }
+    }
 }
 
 /// Something that happened to a job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The scheduler offers these idle workers (oldest first); the job takes what it
-    /// needs or, with too few, waits.
+    /// The scheduler offers these idle workers (oldest first). A waiting job takes what
+    /// it needs or keeps waiting; a running elastic job below its maximum drains its
+    /// generation so they can join at the next step boundary.
     WorkersAvailable {
         /// Idle workers the job may take.
         idle: Vec<WorkerId>,
@@ -92,8 +187,7 @@ pub enum Event {
         /// Where it was, for the message.
         detail: String,
     },
-    /// A worker attached while the job runs. A job's world size is fixed, so a joiner
-    /// does not change a running generation; it waits for the next job or generation.
+    /// A worker attached. The scheduler follows with [`Event::WorkersAvailable`].
     WorkerJoined {
         /// The worker.
         worker: WorkerId,
@@ -106,6 +200,29 @@ pub enum Event {
         step: Step,
         /// xxh3-64 of its parameters after the update.
         param_hash: u64,
+    },
+    /// Where a rank of the running generation starts: after the ranks agreed on a state.
+    Resumed {
+        /// The rank.
+        rank: Rank,
+        /// The step of the state it starts from.
+        step: Step,
+        /// The state's parameter hash.
+        param_hash: u64,
+        /// Whether the state came from a checkpoint or the initial parameters (a new
+        /// line of state: older in-memory state no longer counts).
+        fresh: bool,
+    },
+    /// A rank stopped after `step` at a drain or a leave and keeps its state.
+    Stopped {
+        /// The rank.
+        rank: Rank,
+        /// Steps it completed.
+        step: Step,
+        /// Its parameter hash.
+        param_hash: u64,
+        /// Whether its worker is leaving the cluster.
+        leaving: bool,
     },
     /// A rank finished training after `steps` steps.
     RankFinished {
@@ -147,6 +264,11 @@ pub enum Event {
         /// Whether it is the end-of-training checkpoint.
         final_: bool,
     },
+    /// The wait that [`Effect::WaitDeadline`] asked for is over.
+    WaitExpired {
+        /// The deadline's token.
+        token: u64,
+    },
     /// The service could not carry out an effect (an assignment that could not be
     /// delivered, a checkpoint that could not be written).
     Fault {
@@ -166,8 +288,13 @@ pub enum Effect {
         generation: Generation,
         /// Members in ring order.
         members: Vec<WorkerId>,
-        /// The step the generation starts from (0: from the initial parameters).
+        /// The step the machine expects the generation to start from (the ranks settle
+        /// the exact one among themselves and report it in [`Event::Resumed`]).
         resume_from: Step,
+        /// State a worker kept from this generation or later counts.
+        state_floor: Generation,
+        /// The newest stored checkpoint, the fallback when no member holds state.
+        checkpoint: Option<Step>,
     },
     /// Tell these workers to stop `generation` and free them.
     CancelGeneration {
@@ -178,7 +305,17 @@ pub enum Effect {
         /// Why (shown in the workers' logs).
         reason: String,
     },
-    /// Free these workers without telling them anything (they finished by themselves).
+    /// Ask the members to stop `generation` after the same step and report it.
+    DrainGeneration {
+        /// The generation.
+        generation: Generation,
+        /// Whom to tell.
+        workers: Vec<WorkerId>,
+        /// Why.
+        reason: String,
+    },
+    /// Free these workers without telling them anything (they finished or stopped by
+    /// themselves).
     Release {
         /// The workers.
         workers: Vec<WorkerId>,
@@ -194,6 +331,11 @@ pub enum Effect {
     ConfirmLater {
         /// The event, marked confirmed.
         event: Box<Event>,
+    },
+    /// Feed [`Event::WaitExpired`] with this token after the job's `max_wait_secs`.
+    WaitDeadline {
+        /// Identifies this wait; a later wait gets a new token.
+        token: u64,
     },
     /// The job reached a terminal state.
     EndJob {
@@ -217,36 +359,157 @@ impl fmt::Display for NotAMember {
     }
 }
 
+/// A rank's report that it stopped at a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StopReport {
+    step: Step,
+    hash: u64,
+    leaving: bool,
+}
+
+/// What a restarted coordinator knows of a job from its store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineSnapshot {
+    /// The state when it was saved.
+    pub state: JobState,
+    /// The last generation started.
+    pub generation: Generation,
+    /// Generations from this one on hold valid in-memory state.
+    pub state_floor: Generation,
+    /// Steps verified so far.
+    pub verified: u64,
+    /// Generations started after losses.
+    pub restarts: u32,
+    /// Every generation's start.
+    pub events: Vec<GenerationEvent>,
+    /// Every worker lost so far ("worker w-3 (rank 2) in generation 4").
+    pub lost: Vec<String>,
+    /// Members of the last generation, in rank order (preferred for the next).
+    pub members: Vec<WorkerId>,
+    /// The newest stored checkpoint.
+    pub checkpoint: Option<Step>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
 /// One job's lifecycle.
 #[derive(Debug, Clone)]
 pub struct JobMachine {
     state: JobState,
-    world: usize,
-    policy: LossPolicy,
+    config: MachineConfig,
     generation: Generation,
     members: Vec<WorkerId>,
     replica: ReplicaCheck,
-    /// Steps every replica completed and agreed on, over the whole job.
-    resume_from: Step,
+    /// The step the running generation started from, once its ranks reported it.
+    base: Option<(Step, u64)>,
+    /// The step the next (or running) generation is expected to start from.
+    expected: Step,
+    /// Highest step count verified across replicas, over the whole job.
+    verified_hw: u64,
     finished: Vec<Option<Step>>,
     final_stored: Option<Step>,
     error: Option<String>,
+    /// A drain in progress: the ranks' stop reports so far.
+    draining: Option<Vec<Option<StopReport>>>,
+    /// Workers that left gracefully and must not be taken again.
+    leaving: Vec<WorkerId>,
+    /// The last generation's survivors, first in line (in rank order) for the next.
+    preferred: Vec<WorkerId>,
+    /// Why the next generation starts.
+    next_kind: StartKind,
+    next_reason: String,
+    lost: Vec<String>,
+    restarts: u32,
+    events: Vec<GenerationEvent>,
+    state_floor: Generation,
+    checkpoint: Option<Step>,
+    wait_token: u64,
 }
 
 impl JobMachine {
-    /// A submitted job that needs `world` workers per generation.
+    /// A submitted job that needs exactly `world` workers per generation.
     pub fn new(world: usize, policy: LossPolicy) -> Self {
+        JobMachine::with_config(MachineConfig {
+            policy,
+            ..MachineConfig::fixed(world)
+        })
+    }
+
+    /// A submitted job.
+    pub fn with_config(config: MachineConfig) -> Self {
+        let min = config.min.max(1);
+        let max = config.max.max(min);
+        let config = MachineConfig { min, max, ..config };
         JobMachine {
             state: JobState::Submitted,
-            world: world.max(1),
-            policy,
             generation: Generation(0),
             members: Vec::new(),
-            replica: ReplicaCheck::new(world.max(1)),
-            resume_from: Step(0),
+            replica: ReplicaCheck::new(min),
+            base: None,
+            expected: config.checkpoint.unwrap_or_default(),
+            verified_hw: config.checkpoint.map(|s| s.0).unwrap_or(0),
             finished: Vec::new(),
             final_stored: None,
             error: None,
+            draining: None,
+            leaving: Vec::new(),
+            preferred: Vec::new(),
+            next_kind: config.first,
+            next_reason: config.first_reason.clone(),
+            lost: Vec::new(),
+            restarts: 0,
+            events: Vec::new(),
+            state_floor: Generation(1),
+            checkpoint: config.checkpoint,
+            wait_token: 0,
+            config,
+        }
+    }
+
+    /// A job picked up again by a restarted coordinator: a running or waiting job waits
+    /// for its workers to reattach, then continues in a new generation from the newest
+    /// state they hold (or its newest checkpoint).
+    pub fn restore(config: MachineConfig, snap: MachineSnapshot) -> Self {
+        let mut m = JobMachine::with_config(config);
+        m.generation = snap.generation;
+        m.state_floor = snap.state_floor;
+        m.verified_hw = snap.verified;
+        m.expected = Step(snap.verified);
+        m.restarts = snap.restarts;
+        m.events = snap.events;
+        m.lost = snap.lost;
+        m.preferred = snap.members;
+        m.checkpoint = snap.checkpoint;
+        m.error = snap.error;
+        m.state = match snap.state {
+            s if s.is_terminal() => s,
+            JobState::Submitted => JobState::Submitted,
+            _ => JobState::Waiting,
+        };
+        if m.generation.0 > 0 {
+            m.next_kind = StartKind::Restarted;
+            m.next_reason = "the coordinator restarted".into();
+        }
+        m
+    }
+
+    /// What a restarted coordinator needs to pick the job up again.
+    pub fn snapshot(&self) -> MachineSnapshot {
+        MachineSnapshot {
+            state: self.state,
+            generation: self.generation,
+            state_floor: self.state_floor,
+            verified: self.verified_steps(),
+            restarts: self.restarts,
+            events: self.events.clone(),
+            lost: self.lost.clone(),
+            members: if self.members.is_empty() {
+                self.preferred.clone()
+            } else {
+                self.members.clone()
+            },
+            checkpoint: self.checkpoint,
+            error: self.error.clone(),
         }
     }
 
@@ -260,9 +523,14 @@ impl JobMachine {
         self.generation
     }
 
-    /// Workers per generation.
+    /// Most workers per generation.
     pub fn world(&self) -> usize {
-        self.world
+        self.config.max
+    }
+
+    /// The job's range of members per generation.
+    pub fn range(&self) -> (usize, usize) {
+        (self.config.min, self.config.max)
     }
 
     /// Members of the running generation in rank order (empty when not running).
@@ -270,14 +538,29 @@ impl JobMachine {
         &self.members
     }
 
-    /// Steps whose hashes every replica reported and agreed on, over the whole job.
+    /// Every generation's start, oldest first.
+    pub fn events(&self) -> &[GenerationEvent] {
+        &self.events
+    }
+
+    /// Steps verified across replicas, each counted once over the whole job (a step
+    /// redone in a later generation included).
     pub fn verified_steps(&self) -> u64 {
-        self.resume_from.0 + self.replica.verified()
+        let current = self
+            .base
+            .map(|(b, _)| b.0 + self.replica.verified())
+            .unwrap_or(0);
+        self.verified_hw.max(current)
     }
 
     /// Why the job failed, once it has.
     pub fn error(&self) -> Option<&str> {
         self.error.as_deref()
+    }
+
+    /// Whether a drain is in progress.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
     }
 
     /// Checks that a message comes from `rank` of the running `generation`, sent by the
@@ -319,6 +602,25 @@ impl JobMachine {
                 step,
                 param_hash,
             } => self.on_step(rank, step, param_hash),
+            Event::Resumed {
+                rank,
+                step,
+                param_hash,
+                fresh,
+            } => self.on_resumed(rank, step, param_hash, fresh),
+            Event::Stopped {
+                rank,
+                step,
+                param_hash,
+                leaving,
+            } => self.on_stopped(
+                rank,
+                StopReport {
+                    step,
+                    hash: param_hash,
+                    leaving,
+                },
+            ),
             Event::RankFinished { rank, steps } => self.on_finished(rank, steps),
             Event::Failure {
                 rank,
@@ -352,6 +654,9 @@ impl JobMachine {
             }
             Event::CheckpointUploaded { .. } => Vec::new(),
             Event::CheckpointStored { step, final_ } => {
+                if self.checkpoint.is_none_or(|c| c <= step) {
+                    self.checkpoint = Some(step);
+                }
                 if final_ && self.state == JobState::Running {
                     self.final_stored = Some(step);
                     self.try_complete()
@@ -359,30 +664,103 @@ impl JobMachine {
                     Vec::new()
                 }
             }
+            Event::WaitExpired { token } => self.on_wait_expired(token),
             Event::Fault { message } => self.fail(message),
             Event::Cancel => self.end(JobState::Cancelled, None, "cancelled"),
         }
     }
 
     fn on_available(&mut self, idle: Vec<WorkerId>) -> Vec<Effect> {
+        let usable: Vec<WorkerId> = idle
+            .into_iter()
+            .filter(|w| !self.leaving.contains(w))
+            .collect();
         match self.state {
-            JobState::Submitted | JobState::Waiting => {}
-            _ => return Vec::new(),
+            JobState::Submitted | JobState::Waiting => self.start_generation(usable),
+            JobState::Running => self.maybe_grow(usable),
+            _ => Vec::new(),
         }
-        if idle.len() < self.world {
+    }
+
+    /// Starts the next generation with the previous survivors (in their rank order)
+    /// followed by other idle workers, up to the maximum; with fewer than the minimum
+    /// the job waits.
+    fn start_generation(&mut self, idle: Vec<WorkerId>) -> Vec<Effect> {
+        let mut pick: Vec<WorkerId> = self
+            .preferred
+            .iter()
+            .filter(|w| idle.contains(w))
+            .cloned()
+            .collect();
+        for w in idle {
+            if !pick.contains(&w) {
+                pick.push(w);
+            }
+        }
+        if pick.len() < self.config.min {
             self.state = JobState::Waiting;
             return Vec::new();
         }
+        if self.next_kind == StartKind::Lost {
+            if self.restarts >= self.config.max_restarts {
+                return self.fail(format!(
+                    "the job lost workers more often than max_restarts = {} allows: {}",
+                    self.config.max_restarts,
+                    self.lost.join("; ")
+                ));
+            }
+            self.restarts += 1;
+        }
+        pick.truncate(self.config.max);
         self.generation = self.generation.next();
-        self.members = idle.into_iter().take(self.world).collect();
-        self.replica = ReplicaCheck::new(self.world);
-        self.finished = vec![None; self.world];
+        self.members = pick;
+        self.preferred.clear();
+        self.replica = ReplicaCheck::new(self.members.len());
+        self.finished = vec![None; self.members.len()];
         self.final_stored = None;
+        self.base = None;
+        self.draining = None;
         self.state = JobState::Running;
+        self.events.push(GenerationEvent {
+            generation: self.generation,
+            kind: self.next_kind,
+            reason: std::mem::take(&mut self.next_reason),
+            step: self.expected,
+            workers: self.members.len() as u32,
+        });
         vec![Effect::SendAssignment {
             generation: self.generation,
             members: self.members.clone(),
-            resume_from: self.resume_from,
+            resume_from: self.expected,
+            state_floor: self.state_floor,
+            checkpoint: self.checkpoint,
+        }]
+    }
+
+    /// A running elastic job below its maximum drains its generation so idle workers
+    /// can join at the next step boundary.
+    fn maybe_grow(&mut self, idle: Vec<WorkerId>) -> Vec<Effect> {
+        let room = self.config.max.saturating_sub(self.members.len());
+        if room == 0 || idle.is_empty() || self.draining.is_some() {
+            return Vec::new();
+        }
+        // Training must have started (the ranks agreed on their state) and not ended.
+        if self.base.is_none() || self.finished.iter().any(|f| f.is_some()) {
+            return Vec::new();
+        }
+        let joiners: Vec<String> = idle.iter().take(room).map(|w| w.to_string()).collect();
+        let reason = if joiners.len() == 1 {
+            format!("worker {} joined", joiners[0])
+        } else {
+            format!("workers {} joined", joiners.join(", "))
+        };
+        self.next_kind = StartKind::Joined;
+        self.next_reason = reason.clone();
+        self.draining = Some(vec![None; self.members.len()]);
+        vec![Effect::DrainGeneration {
+            generation: self.generation,
+            workers: self.members.clone(),
+            reason,
         }]
     }
 
@@ -395,23 +773,39 @@ impl JobMachine {
 
     fn on_lost(&mut self, worker: &WorkerId, detail: &str) -> Vec<Effect> {
         if self.state != JobState::Running {
+            self.preferred.retain(|w| w != worker);
             return Vec::new();
         }
         let Some(rank) = self.rank_of(worker) else {
             return Vec::new();
         };
+        // A member that already stopped to leave is gone as planned, not lost.
+        if let Some(stops) = &self.draining {
+            if stops
+                .get(rank.index())
+                .copied()
+                .flatten()
+                .is_some_and(|s| s.leaving)
+            {
+                return Vec::new();
+            }
+        }
         let message = format!(
             "worker {worker} (rank {rank}, {detail}) was lost in generation {}",
             self.generation
         );
-        self.lose_member(worker, message)
+        self.lose_member(worker, rank, message)
     }
 
     /// A member is gone: under [`LossPolicy::Fail`] the job fails with `message`; under
     /// [`LossPolicy::NewGeneration`] the survivors stop and the job waits for the next
-    /// generation, which resumes from the last step every replica agreed on.
-    fn lose_member(&mut self, lost: &WorkerId, message: String) -> Vec<Effect> {
-        match self.policy {
+    /// generation, which continues from the newest state a member holds.
+    fn lose_member(&mut self, lost: &WorkerId, rank: Rank, message: String) -> Vec<Effect> {
+        self.lost.push(format!(
+            "worker {lost} (rank {rank}) in generation {}",
+            self.generation
+        ));
+        match self.config.policy {
             LossPolicy::Fail => {
                 self.members.retain(|m| m != lost);
                 self.fail(message)
@@ -421,26 +815,135 @@ impl JobMachine {
                     .into_iter()
                     .filter(|m| m != lost)
                     .collect();
-                self.resume_from = Step(self.resume_from.0 + self.replica.verified());
-                self.replica = ReplicaCheck::new(self.world);
+                self.close_generation();
+                self.preferred = survivors.clone();
+                self.next_kind = StartKind::Lost;
+                self.next_reason = format!("worker {lost} (rank {rank}) lost");
                 self.state = JobState::Waiting;
-                vec![Effect::CancelGeneration {
-                    generation: self.generation,
-                    workers: survivors,
-                    reason: message,
-                }]
+                self.wait_token += 1;
+                vec![
+                    Effect::CancelGeneration {
+                        generation: self.generation,
+                        workers: survivors,
+                        reason: message,
+                    },
+                    Effect::WaitDeadline {
+                        token: self.wait_token,
+                    },
+                ]
             }
         }
+    }
+
+    /// Folds the ending generation's verified steps into the job's count.
+    fn close_generation(&mut self) {
+        self.verified_hw = self.verified_steps();
+        self.expected = Step(self.verified_hw.max(self.expected.0));
+        self.base = None;
+        self.draining = None;
+        self.replica = ReplicaCheck::new(self.members.len().max(1));
     }
 
     fn on_step(&mut self, rank: Rank, step: Step, hash: u64) -> Vec<Effect> {
         if self.state != JobState::Running || step.0 == 0 {
             return Vec::new();
         }
+        if let Some((b, _)) = self.base {
+            if step <= b {
+                return Vec::new();
+            }
+        }
         match self.replica.record(step.0, rank.0, hash) {
             Ok(()) => Vec::new(),
             Err(d) => self.fail(d.to_string()),
         }
+    }
+
+    fn on_resumed(&mut self, rank: Rank, step: Step, hash: u64, fresh: bool) -> Vec<Effect> {
+        if self.state != JobState::Running {
+            return Vec::new();
+        }
+        match self.base {
+            None => {
+                self.base = Some((step, hash));
+                if fresh {
+                    // A new line of state (checkpoint or initial parameters): what
+                    // workers kept from earlier generations no longer counts.
+                    self.state_floor = self.generation;
+                }
+                if let Some(e) = self.events.last_mut() {
+                    e.step = step;
+                }
+                Vec::new()
+            }
+            Some((s, h)) if s == step && h == hash => Vec::new(),
+            Some((s, h)) => self.fail(format!(
+                "the ranks of generation {} started from different states: one from step {s} (parameter hash {h:016x}), rank {rank} from step {step} ({hash:016x})",
+                self.generation
+            )),
+        }
+    }
+
+    fn on_stopped(&mut self, rank: Rank, report: StopReport) -> Vec<Effect> {
+        if self.state != JobState::Running {
+            return Vec::new();
+        }
+        let world = self.members.len();
+        let stops = self.draining.get_or_insert_with(|| vec![None; world]);
+        if let Some(slot) = stops.get_mut(rank.index()) {
+            *slot = Some(report);
+        }
+        if report.leaving {
+            if let Some(w) = self.members.get(rank.index()).cloned() {
+                let reason = format!("worker {w} (rank {rank}) left");
+                if self.next_kind == StartKind::Left && !self.next_reason.is_empty() {
+                    self.next_reason = format!("{}; {reason}", self.next_reason);
+                } else {
+                    self.next_kind = StartKind::Left;
+                    self.next_reason = reason;
+                }
+                self.leaving.push(w);
+            }
+        }
+        let Some(all) = self
+            .draining
+            .as_ref()
+            .and_then(|s| s.iter().copied().collect::<Option<Vec<StopReport>>>())
+        else {
+            return Vec::new();
+        };
+        let step = all.iter().map(|s| s.step).max().unwrap_or_default();
+        let members = std::mem::take(&mut self.members);
+        self.close_generation();
+        self.expected = step;
+        self.preferred = members
+            .iter()
+            .filter(|w| !self.leaving.contains(w))
+            .cloned()
+            .collect();
+        self.state = JobState::Waiting;
+        self.wait_token += 1;
+        vec![
+            Effect::Release { workers: members },
+            Effect::WaitDeadline {
+                token: self.wait_token,
+            },
+        ]
+    }
+
+    fn on_wait_expired(&mut self, token: u64) -> Vec<Effect> {
+        if self.state != JobState::Waiting || token != self.wait_token {
+            return Vec::new();
+        }
+        let lost = if self.lost.is_empty() {
+            "none lost".to_string()
+        } else {
+            self.lost.join("; ")
+        };
+        self.fail(format!(
+            "fewer than {} workers for max_wait_secs after generation {}; lost workers: {lost}",
+            self.config.min, self.generation
+        ))
     }
 
     fn on_finished(&mut self, rank: Rank, steps: Step) -> Vec<Effect> {
@@ -465,8 +968,14 @@ impl JobMachine {
                 "ranks finished after different step counts: rank 0 after {steps}, rank {r} after {s}"
             ));
         }
+        let Some((base, _)) = self.base else {
+            return self.fail(format!(
+                "every rank of generation {} finished without reporting where it started",
+                self.generation
+            ));
+        };
         // Steps are counted over the whole job; a generation only sees its own.
-        let expected = steps.0.saturating_sub(self.resume_from.0);
+        let expected = steps.0.saturating_sub(base.0);
         if self.replica.verified() != expected || self.replica.pending() > 0 {
             return self.fail(format!(
                 "every rank finished after step {steps}, but only {} of the generation's {expected} steps were verified across replicas",
@@ -475,6 +984,7 @@ impl JobMachine {
         }
         match self.final_stored {
             Some(s) if s == steps => {
+                self.verified_hw = self.verified_steps();
                 let workers = std::mem::take(&mut self.members);
                 self.state = JobState::Completed;
                 vec![
@@ -511,7 +1021,7 @@ impl JobMachine {
                 let msg = format!(
                     "worker {lost} (rank {lr}, {lost_detail}) was lost in generation {g}: rank {rank} reports: {message}"
                 );
-                self.lose_member(&lost, msg)
+                self.lose_member(&lost, lr, msg)
             }
             None => self.fail(format!(
                 "rank {rank} (worker {worker}) failed in generation {g}: {message}"
@@ -526,6 +1036,7 @@ impl JobMachine {
     /// Ends the job: a running generation's members are told to stop.
     fn end(&mut self, state: JobState, error: Option<String>, reason: &str) -> Vec<Effect> {
         let mut effects = Vec::new();
+        self.verified_hw = self.verified_steps();
         let workers = std::mem::take(&mut self.members);
         if !workers.is_empty() {
             effects.push(Effect::CancelGeneration {

@@ -43,9 +43,24 @@ pub fn rank_epoch_indices(
     rank: usize,
     world: usize,
 ) -> Vec<u32> {
+    rank_epoch_indices_from(seed, epoch, samples, batch, rank, world, 0)
+}
+
+/// The sample indices `rank` trains on in `epoch` from global batch `start_batch` on:
+/// a generation that starts mid-epoch re-splits the batches that remain over its own
+/// world, so across generations every example is still used exactly once per epoch.
+pub fn rank_epoch_indices_from(
+    seed: u64,
+    epoch: u32,
+    samples: usize,
+    batch: usize,
+    rank: usize,
+    world: usize,
+    start_batch: usize,
+) -> Vec<u32> {
     let order = epoch_order(seed, epoch, samples);
-    let mut out = Vec::with_capacity(samples / world + batch);
-    for step in 0..steps_per_epoch(samples, batch) {
+    let mut out = Vec::with_capacity(samples / world.max(1) + batch);
+    for step in start_batch..steps_per_epoch(samples, batch) {
         let start = step * batch;
         let m = global_batch_len(samples, batch, step);
         let (a, b) = rank_slice(m, rank, world);
@@ -56,7 +71,18 @@ pub fn rank_epoch_indices(
 
 /// Local batch sizes of `rank` for every step of an epoch.
 pub fn rank_batch_lens(samples: usize, batch: usize, rank: usize, world: usize) -> Vec<usize> {
-    (0..steps_per_epoch(samples, batch))
+    rank_batch_lens_from(samples, batch, rank, world, 0)
+}
+
+/// Local batch sizes of `rank` for the steps of an epoch from global batch `start_batch`.
+pub fn rank_batch_lens_from(
+    samples: usize,
+    batch: usize,
+    rank: usize,
+    world: usize,
+    start_batch: usize,
+) -> Vec<usize> {
+    (start_batch..steps_per_epoch(samples, batch))
         .map(|step| {
             let (a, b) = rank_slice(global_batch_len(samples, batch, step), rank, world);
             b - a
@@ -73,6 +99,27 @@ pub fn static_range(samples: usize, rank: usize, world: usize) -> (usize, usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generation_change_mid_epoch_still_uses_every_sample_once() {
+        let (samples, batch, seed) = (103usize, 8usize, 5u64);
+        // Three ranks take batches 0..5, then two ranks the rest.
+        let mut seen: Vec<u32> = Vec::new();
+        for rank in 0..3 {
+            let all = rank_epoch_indices(seed, 1, samples, batch, rank, 3);
+            let lens = rank_batch_lens(samples, batch, rank, 3);
+            let first: usize = lens[..5].iter().sum();
+            seen.extend_from_slice(&all[..first]);
+        }
+        for rank in 0..2 {
+            let rest = rank_epoch_indices_from(seed, 1, samples, batch, rank, 2, 5);
+            let lens = rank_batch_lens_from(samples, batch, rank, 2, 5);
+            assert_eq!(rest.len(), lens.iter().sum::<usize>());
+            seen.extend_from_slice(&rest);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..samples as u32).collect::<Vec<_>>());
+    }
 
     #[test]
     fn every_sample_exactly_once_per_epoch_for_any_world() {

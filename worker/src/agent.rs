@@ -22,7 +22,9 @@ use crate::config::WorkerConfig;
 use crate::error::WorkerError;
 use crate::grpc::CollectiveService;
 use crate::plan::TrainingPlan;
+use crate::resume::HeldState;
 use crate::trainer::{run_blocking, JobContext};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How long a shutting-down worker waits for its job to wind down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -30,15 +32,28 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// deadline, with room to spare).
 const STOP_LIMIT: Duration = Duration::from_secs(90);
 
+/// How long a leaving worker (SIGTERM, ctrl-c) waits for its job to stop at a step
+/// boundary before it cancels the job outright: within Kubernetes' default 30 s grace,
+/// and the process still exits within 10 s.
+const LEAVE_GRACE: Duration = Duration::from_secs(7);
+
 struct RunningJob {
     job_id: String,
     generation: u64,
     cancel: CancellationToken,
-    task: JoinHandle<()>,
+    drain: Arc<AtomicBool>,
+    leaving: Arc<AtomicBool>,
+    /// Returns the training state the job ended with, kept for the next generation.
+    task: JoinHandle<Option<HeldState>>,
 }
 
 /// Runs a worker until `shutdown` is cancelled or the coordinator tells it to stop.
 /// `listener` is where ring neighbours reach its `Collective` service.
+///
+/// `shutdown` (SIGTERM, ctrl-c) is a graceful leave: a running job is asked to stop
+/// after its current step (the other ranks stop with it and continue in a new
+/// generation without this worker, losing nothing), and only if that takes longer than
+/// [`LEAVE_GRACE`] is the job cancelled outright.
 pub async fn run(
     config: WorkerConfig,
     listener: TcpListener,
@@ -101,6 +116,8 @@ pub async fn run(
     info!(collective = %advertise, data = %data_advertise, coordinator = %config.coordinator, "worker started");
 
     let mut running: Option<RunningJob> = None;
+    // The training state of the last generation this worker ran, offered to the next.
+    let mut held: Option<HeldState> = None;
     let mut backoff = Duration::from_millis(100);
     let mut failing_since: Option<tokio::time::Instant> = None;
     'connect: while !shutdown.is_cancelled() {
@@ -110,7 +127,7 @@ pub async fn run(
             Err(e) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if config.reconnect_limit.is_some_and(|l| since.elapsed() >= l) {
-                    stop_job(&mut running).await?;
+                    stop_job(&mut running, &mut held).await?;
                     server_stop.cancel();
                     join_with_grace(listeners, &hub).await;
                     return Err(e);
@@ -141,7 +158,7 @@ pub async fn run(
             Ok(r) => r.into_inner(),
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                 // A coordinator of another protocol version: retrying cannot help.
-                stop_job(&mut running).await?;
+                stop_job(&mut running, &mut held).await?;
                 server_stop.cancel();
                 join_with_grace(listeners, &hub).await;
                 return Err(WorkerError::Refused(status.message().to_string()));
@@ -166,15 +183,15 @@ pub async fn run(
             let kind = match msg {
                 Ok(Some(m)) => m.kind,
                 Ok(None) | Err(_) => {
-                    warn!("lost the coordinator; cancelling any job and reattaching");
-                    stop_job(&mut running).await?;
+                    warn!("lost the coordinator; cancelling any job (its state is kept) and reattaching");
+                    stop_job(&mut running, &mut held).await?;
                     continue 'connect;
                 }
             };
             match kind {
                 Some(control_message::Kind::Registered(r)) => {
                     if r.protocol_version != ringtrain_proto::PROTOCOL_VERSION {
-                        stop_job(&mut running).await?;
+                        stop_job(&mut running, &mut held).await?;
                         server_stop.cancel();
                         join_with_grace(listeners, &hub).await;
                         return Err(WorkerError::Refused(format!(
@@ -189,7 +206,7 @@ pub async fn run(
                 Some(control_message::Kind::Assignment(mut a)) => {
                     // One job at a time: a previous job was cancelled before this
                     // assignment was sent, so wait for it to wind down first.
-                    stop_job(&mut running).await?;
+                    stop_job(&mut running, &mut held).await?;
                     if !config.local_socket {
                         // --tcp-only: do not dial neighbours' same-host sockets either.
                         a.data_locals.clear();
@@ -199,7 +216,7 @@ pub async fn run(
                         control.clone(),
                         (hub.clone(), data_hub.clone()),
                         worker_id.clone(),
-                        &shutdown,
+                        held.take(),
                     ));
                 }
                 Some(control_message::Kind::Cancel(c)) => {
@@ -210,7 +227,14 @@ pub async fn run(
                         }
                     }
                 }
-                Some(control_message::Kind::Drain(_)) => {}
+                Some(control_message::Kind::Drain(d)) => {
+                    if let Some(r) = &running {
+                        if r.job_id == d.job_id && r.generation == d.generation {
+                            info!(job = %d.job_id, reason = %d.reason, "draining: stopping after the current step");
+                            r.drain.store(true, Ordering::Release);
+                        }
+                    }
+                }
                 Some(control_message::Kind::Shutdown(_)) => {
                     info!("coordinator asked this worker to shut down");
                     break 'connect;
@@ -219,10 +243,34 @@ pub async fn run(
             }
         }
     }
-    let stopped = stop_job(&mut running).await;
+    if shutdown.is_cancelled() {
+        leave_job(&mut running, &mut held).await;
+    }
+    let stopped = stop_job(&mut running, &mut held).await;
     server_stop.cancel();
     join_with_grace(listeners, &hub).await;
     stopped
+}
+
+/// A graceful leave: asks the running job to stop after its current step (reporting
+/// that this worker leaves) and waits up to [`LEAVE_GRACE`] for it.
+async fn leave_job(running: &mut Option<RunningJob>, held: &mut Option<HeldState>) {
+    let Some(r) = running.as_mut() else {
+        return;
+    };
+    info!(job = %r.job_id, "leaving: stopping the job after its current step");
+    r.leaving.store(true, Ordering::Release);
+    r.drain.store(true, Ordering::Release);
+    match tokio::time::timeout(LEAVE_GRACE, &mut r.task).await {
+        Ok(state) => {
+            *held = state.ok().flatten();
+            *running = None;
+        }
+        Err(_) => warn!(
+            job = %r.job_id,
+            "the job did not stop at a step boundary within the grace; cancelling it"
+        ),
+    }
 }
 
 /// Joins the (already stopped) listener tasks and the ring's outgoing streams, waiting
@@ -251,9 +299,14 @@ fn start_job(
     control: WorkerControlClient<Channel>,
     (hub, data_hub): (Arc<CollectiveHub>, Arc<crate::tcp_ring::DataHub>),
     worker_id: String,
-    shutdown: &CancellationToken,
+    held: Option<HeldState>,
 ) -> RunningJob {
-    let cancel = shutdown.child_token();
+    // Not a child of the process's shutdown token: a shutdown is a graceful leave,
+    // which stops the job at a step boundary through `drain` instead.
+    let cancel = CancellationToken::new();
+    let drain = Arc::new(AtomicBool::new(false));
+    let leaving = Arc::new(AtomicBool::new(false));
+    let (job_drain, job_leaving) = (drain.clone(), leaving.clone());
     let job_id = a.job_id.clone();
     let generation = a.generation;
     info!(job = %job_id, generation, rank = a.rank, world = a.world, "assignment received");
@@ -291,7 +344,7 @@ fn start_job(
                     }
                     Err(_) => warn!("reporting the rejected assignment timed out"),
                 }
-                return;
+                return held;
             }
         };
         let ctx = JobContext {
@@ -303,14 +356,19 @@ fn start_job(
             assignment: a,
             plan,
             cancel: token,
+            drain: job_drain,
+            leaving: job_leaving,
         };
         // The outcome is logged and reported to the coordinator inside.
-        let _ = run_blocking(ctx);
+        let (_, state) = run_blocking(ctx, held);
+        state
     });
     RunningJob {
         job_id,
         generation,
         cancel,
+        drain,
+        leaving,
         task,
     }
 }
@@ -320,20 +378,24 @@ fn start_job(
 /// RPC it may be in has a deadline, so it normally returns within one of them; the wait
 /// is capped at [`STOP_LIMIT`] all the same, and a job still running then is an error
 /// (the caller exits rather than start a second job beside it).
-async fn stop_job(running: &mut Option<RunningJob>) -> Result<(), WorkerError> {
+async fn stop_job(
+    running: &mut Option<RunningJob>,
+    held: &mut Option<HeldState>,
+) -> Result<(), WorkerError> {
     let Some(mut r) = running.take() else {
         return Ok(());
     };
     r.cancel.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut r.task)
-        .await
-        .is_ok()
-    {
+    if let Ok(state) = tokio::time::timeout(SHUTDOWN_GRACE, &mut r.task).await {
+        *held = state.ok().flatten();
         return Ok(());
     }
     warn!(job = %r.job_id, "job is still winding down; waiting for it");
     match tokio::time::timeout(STOP_LIMIT - SHUTDOWN_GRACE, &mut r.task).await {
-        Ok(_) => Ok(()),
+        Ok(state) => {
+            *held = state.ok().flatten();
+            Ok(())
+        }
         Err(_) => Err(WorkerError::Stuck {
             job: r.job_id.clone(),
             waited: STOP_LIMIT,

@@ -32,6 +32,7 @@ pub mod loss;
 pub mod matmul;
 pub mod model;
 pub mod optimizer;
+pub mod resume;
 pub mod ring;
 pub mod saved_model;
 pub mod step;

@@ -88,6 +88,37 @@ impl MetricSums {
         }
     }
 
+    /// Every sum in f64, in the flat order (for checkpoints and state transfer).
+    pub fn to_f64s(&self) -> Vec<f64> {
+        let mut v = vec![
+            self.loss_sum,
+            self.count,
+            self.top_k,
+            self.abs_err,
+            self.sq_err,
+            self.y_sum,
+            self.y_sq,
+        ];
+        v.extend_from_slice(&self.confusion);
+        v
+    }
+
+    /// The inverse of [`MetricSums::to_f64s`] (missing values read as 0).
+    pub fn from_f64s(classes: usize, v: &[f64]) -> Self {
+        let g = |i: usize| v.get(i).copied().unwrap_or(0.0);
+        MetricSums {
+            loss_sum: g(0),
+            count: g(1),
+            classes,
+            confusion: (0..classes * classes).map(|i| g(7 + i)).collect(),
+            top_k: g(2),
+            abs_err: g(3),
+            sq_err: g(4),
+            y_sum: g(5),
+            y_sq: g(6),
+        }
+    }
+
     /// Adds another set of sums.
     pub fn add(&mut self, o: &MetricSums) {
         self.loss_sum += o.loss_sum;

@@ -125,6 +125,9 @@ pub struct StepOutcome {
     pub allreduce_secs: f64,
     /// Seconds from the all-reduce's end through the optimizer update.
     pub optimizer_secs: f64,
+    /// Some rank voted to stop after this step (a drain or a leave); every rank sees
+    /// the same sum, so all stop after the same step.
+    pub stop: bool,
 }
 
 impl StepOutcome {
@@ -208,8 +211,10 @@ pub struct StepPipeline {
     has_l2: bool,
     privatize: Option<Box<dyn GradientHook>>,
     secure: Option<Box<dyn SecureAggregation>>,
-    /// `[gradient | metric sums]`, reused every step.
+    /// `[gradient | metric sums | stop vote]`, reused every step.
     buf: Vec<f32>,
+    /// This rank's vote to stop after the next step.
+    vote: bool,
     /// The masked buffer under secure aggregation (empty otherwise).
     masked: Vec<u64>,
 }
@@ -236,7 +241,8 @@ impl StepPipeline {
             has_l2: plan.model.layers.iter().any(|l| l.l2 > 0.0),
             privatize: None,
             secure: None,
-            buf: vec![0.0; p + MetricSums::flat_len(classes)],
+            buf: vec![0.0; p + MetricSums::flat_len(classes) + 1],
+            vote: false,
             masked: Vec::new(),
         }
     }
@@ -252,6 +258,13 @@ impl StepPipeline {
         self.masked = vec![0; self.buf.len()];
         self.secure = Some(secure);
         self
+    }
+
+    /// Votes to stop after the next step (or takes the vote back). The vote travels in
+    /// the step's own all-reduce, one slot after the metric sums: stopping costs no
+    /// extra round trip.
+    pub fn set_vote(&mut self, stop: bool) {
+        self.vote = stop;
     }
 
     /// The stages this pipeline runs, in order (skipped ones left out).
@@ -280,7 +293,9 @@ impl StepPipeline {
     ) -> Result<StepOutcome, WorkerError> {
         let p = self.p;
         let t = Instant::now();
-        scale(mlp, params, batch, &mut self.buf, p)?;
+        let last = self.buf.len() - 1;
+        scale(mlp, params, batch, &mut self.buf[..last], p)?;
+        self.buf[last] = if self.vote { 1.0 } else { 0.0 };
         let compute_secs = t.elapsed().as_secs_f64();
         if let Some(hook) = &mut self.privatize {
             hook.apply(&mut self.buf[..p], step)?;
@@ -305,7 +320,8 @@ impl StepPipeline {
         }
         let allreduce_secs = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let global = MetricSums::from_flat(self.classes, &self.buf[p..]);
+        let stop = self.buf[last] > 0.5;
+        let global = MetricSums::from_flat(self.classes, &self.buf[p..last]);
         let grad = &mut self.buf[..p];
         divide(grad, global.count);
         let penalty = regularize(plan, self.has_l2, params, grad);
@@ -316,6 +332,7 @@ impl StepPipeline {
             compute_secs,
             allreduce_secs,
             optimizer_secs: t.elapsed().as_secs_f64(),
+            stop,
         })
     }
 }

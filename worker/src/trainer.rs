@@ -5,6 +5,7 @@
 //! exactly the same sequence of collectives (no rank-divergent control flow), so a short
 //! last batch, or a rank with no rows in it, still lines up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use ringtrain_proto::v1::{
     checkpoint_part, worker_control_client::WorkerControlClient, worker_report, Assignment,
     CheckpointData, CheckpointHeader, CheckpointPart, EpochReport, EpochSummary, Failure, Finished,
-    ShardRequest, Split, StepReport, WorkerReport,
+    Resumed, ShardRequest, Split, StepReport, Stopped, WorkerReport,
 };
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -26,12 +27,11 @@ use crate::engine::{Ring, RingConfig};
 use crate::error::WorkerError;
 use crate::loss::{Metric, MetricSums};
 use crate::model::{DropoutKey, Mlp};
-use crate::optimizer::Optimizer;
 use crate::plan::TrainingPlan;
-use crate::ring::WrappingSumU64;
+use crate::resume::{self, Exchange, HeldState};
+use crate::ring::{WrappingSumU32, WrappingSumU64};
 use crate::sharding;
 use crate::step::{Batch, Collective, StepPipeline};
-use ringtrain_core::checkpoint::{EarlyStoppingState, ResumeState};
 
 /// Reports buffered towards the coordinator before the step loop waits.
 const REPORT_CAPACITY: usize = 1024;
@@ -57,6 +57,20 @@ pub struct JobContext {
     pub plan: TrainingPlan,
     /// Cancelled when the coordinator cancels the job or the worker shuts down.
     pub cancel: CancellationToken,
+    /// Set to stop after the next step (a drain, or this worker leaving); the ranks
+    /// agree on the step in-band.
+    pub drain: Arc<AtomicBool>,
+    /// This worker is leaving the cluster (SIGTERM): its stop report says so.
+    pub leaving: Arc<AtomicBool>,
+}
+
+/// How a generation ended on this rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Training is over; the rank reported its end.
+    Finished,
+    /// The ranks stopped after the same step at a drain; the state is kept.
+    Stopped,
 }
 
 /// One split's rows held by this worker.
@@ -69,9 +83,14 @@ struct Shard {
     rows: usize,
 }
 
-/// Runs the job to its end, reporting progress, and returns how it ended. Failures are
-/// also reported to the coordinator (with the lost peer's rank when that was the cause).
-pub fn run_blocking(ctx: JobContext) -> Result<(), WorkerError> {
+/// Runs the job's generation to its end, reporting progress, and returns how it ended
+/// together with the training state this rank holds afterwards (kept for the next
+/// generation). Failures are also reported to the coordinator (with the lost peer's
+/// rank when that was the cause).
+pub fn run_blocking(
+    ctx: JobContext,
+    held: Option<HeldState>,
+) -> (Result<Outcome, WorkerError>, Option<HeldState>) {
     let a = &ctx.assignment;
     let span = info_span!("job", job = %a.job_id, generation = a.generation, rank = a.rank);
     let _enter = span.enter();
@@ -81,9 +100,11 @@ pub fn run_blocking(ctx: JobContext) -> Result<(), WorkerError> {
         .handle
         .spawn(async move { control.report(ReceiverStream::new(rx)).await });
     let reports = Reports { ctx: &ctx, tx };
-    let result = train(&ctx, &reports);
+    let mut slot = held;
+    let result = train(&ctx, &reports, &mut slot);
     match &result {
-        Ok(()) => info!("job finished"),
+        Ok(Outcome::Finished) => info!("job finished"),
+        Ok(Outcome::Stopped) => info!("generation stopped at the drain; state kept"),
         Err(WorkerError::Cancelled) => info!("job cancelled"),
         Err(e) => {
             warn!(error = %e, "job failed");
@@ -108,7 +129,7 @@ pub fn run_blocking(ctx: JobContext) -> Result<(), WorkerError> {
         Ok(Err(e)) => warn!(error = %e, "report stream task failed"),
         Err(_) => warn!("report stream did not flush within 10 s; last reports may be lost"),
     }
-    result
+    (result, slot)
 }
 
 struct Reports<'a> {
@@ -150,6 +171,7 @@ fn fetch(
     ctx: &JobContext,
     split: Split,
     epoch: u32,
+    start_batch: u64,
 ) -> impl std::future::Future<Output = Result<Shard, WorkerError>> {
     let mut control = ctx.control.clone();
     let a = &ctx.assignment;
@@ -160,7 +182,7 @@ fn fetch(
         split: split as i32,
         epoch,
         worker_id: ctx.worker_id.clone(),
-        start_batch: 0,
+        start_batch: start_batch as u32,
     };
     let features = ctx.plan.features;
     async move {
@@ -288,43 +310,39 @@ fn named(
 /// A checkpoint upload in flight.
 type Upload = tokio::task::JoinHandle<Result<(), WorkerError>>;
 
-/// What a checkpoint records besides the parameters and optimizer state.
-struct Snapshot<'a> {
-    step: u64,
-    /// Epochs completed (the final checkpoint) or the epoch in progress (periodic ones).
-    epoch: u32,
-    final_: bool,
-    resume: ResumeState,
-    best: Option<&'a [f32]>,
-}
-
 /// Bytes per checkpoint chunk message.
 const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
 
 /// Starts uploading a copy of the state and returns at once: rank 0 keeps stepping (its
 /// peers would otherwise wait in the next all-reduce for as long as the coordinator
-/// takes to write and fsync) while the copy travels, streamed in chunks.
-fn upload(ctx: &JobContext, params: &[f32], opt: &Optimizer, snap: Snapshot<'_>) -> Upload {
-    let _span = info_span!("checkpoint", step = snap.step, final_ = snap.final_).entered();
+/// takes to write and fsync) while the copy travels, streamed in chunks. `epoch` is the
+/// epochs completed (the final checkpoint) or the epoch in progress (periodic ones).
+fn upload(ctx: &JobContext, s: &HeldState, final_: bool) -> Upload {
+    let _span = info_span!("checkpoint", step = s.step, final_).entered();
     let a = &ctx.assignment;
-    let mut buffers: Vec<(String, &[f32])> = vec![("params".into(), params)];
-    for (name, data) in opt.config.slot_names().iter().zip(&opt.slots) {
+    let plan = &ctx.plan;
+    let mut buffers: Vec<(String, &[f32])> = vec![("params".into(), &s.params)];
+    for (name, data) in s.opt.config.slot_names().iter().zip(&s.opt.slots) {
         buffers.push((format!("opt.{name}"), data));
     }
-    if let Some(b) = snap.best {
+    if let Some(b) = s.best_params(plan) {
         buffers.push(("best".into(), b));
+    }
+    let mut resume = s.resume_state(plan);
+    if final_ {
+        resume.epoch_cursor = 0;
     }
     let header = CheckpointHeader {
         job_id: a.job_id.clone(),
         generation: a.generation,
-        step: snap.step,
-        epoch: snap.epoch,
-        r#final: snap.final_,
-        optimizer_t: opt.t,
-        param_hash: crate::param_hash(params),
+        step: s.step,
+        epoch: s.epochs_done,
+        r#final: final_,
+        optimizer_t: s.opt.t,
+        param_hash: s.hash(),
         worker_id: ctx.worker_id.clone(),
         buffers: buffers.iter().map(|(n, _)| n.clone()).collect(),
-        resume_json: serde_json::to_string(&snap.resume).unwrap_or_default(),
+        resume_json: serde_json::to_string(&resume).unwrap_or_default(),
     };
     let mut parts = vec![CheckpointPart {
         kind: Some(checkpoint_part::Kind::Header(header)),
@@ -352,31 +370,6 @@ fn upload(ctx: &JobContext, params: &[f32], opt: &Optimizer, snap: Snapshot<'_>)
     })
 }
 
-/// Early stopping's state for a checkpoint.
-fn early_state(
-    plan: &TrainingPlan,
-    best: &Option<(f64, Vec<f32>)>,
-    since_best: u32,
-) -> Option<EarlyStoppingState> {
-    let es = plan.early_stopping.as_ref()?;
-    Some(EarlyStoppingState {
-        best: best.as_ref().map(|(v, _)| *v).unwrap_or(f64::NAN),
-        since_best,
-        has_best_params: es.restore_best && best.as_ref().is_some_and(|(_, p)| !p.is_empty()),
-    })
-}
-
-/// The best epoch's parameters when early stopping keeps them.
-fn best_params<'a>(plan: &TrainingPlan, best: &'a Option<(f64, Vec<f32>)>) -> Option<&'a [f32]> {
-    let keep = plan
-        .early_stopping
-        .as_ref()
-        .is_some_and(|es| es.restore_best);
-    best.as_ref()
-        .filter(|(_, p)| keep && !p.is_empty())
-        .map(|(_, p)| p.as_slice())
-}
-
 /// Waits for an upload started by [`upload`].
 fn finish_upload(ctx: &JobContext, pending: Option<Upload>) -> Result<(), WorkerError> {
     match pending {
@@ -387,15 +380,51 @@ fn finish_upload(ctx: &JobContext, pending: Option<Upload>) -> Result<(), Worker
     }
 }
 
-fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
+/// The agreement's collectives over the generation's ring, and the checkpoint fetch.
+impl Exchange for BlockingRing<'_> {
+    fn sum_u64(&mut self, buf: &mut [u64]) -> Result<(), WorkerError> {
+        block_on(self.ctx, self.ring.reduce::<WrappingSumU64>(buf, 0))
+    }
+
+    fn sum_u32(&mut self, buf: &mut [u32]) -> Result<(), WorkerError> {
+        block_on(self.ctx, self.ring.reduce::<WrappingSumU32>(buf, 0))
+    }
+
+    fn fetch_checkpoint(&mut self) -> Result<HeldState, WorkerError> {
+        let ctx = self.ctx;
+        let req = resume::checkpoint_request(&ctx.assignment, &ctx.worker_id);
+        let mut control = ctx.control.clone();
+        let parts = block_on(ctx, async move {
+            let status = |s: tonic::Status| WorkerError::Coordinator {
+                call: "FetchCheckpoint",
+                status: s.to_string(),
+            };
+            let mut stream = control
+                .fetch_checkpoint(req)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut parts = Vec::new();
+            while let Some(p) = stream.message().await.map_err(status)? {
+                parts.push(p);
+            }
+            Ok(parts)
+        })?;
+        let classes = ctx.plan.loss.metric_classes(ctx.plan.model.outputs());
+        resume::state_from_checkpoint(parts, &ctx.plan, &ctx.assignment.job_id, classes)
+    }
+}
+
+/// Connects this generation's ring over the transport the coordinator chose.
+fn connect_ring(ctx: &JobContext) -> Result<Ring, WorkerError> {
     let plan = &ctx.plan;
     let a = &ctx.assignment;
-    let (rank, world) = (a.rank as usize, a.world as usize);
+    let rank = a.rank as usize;
     let ring_config = RingConfig {
         timeout: Duration::from_millis(plan.collective_timeout_ms),
         ..RingConfig::default()
     };
-    let mut ring = if a.data_peers.len() == a.peers.len() && a.ring_token.len() == 16 {
+    if a.data_peers.len() == a.peers.len() && a.ring_token.len() == 16 {
         let mut token = [0u8; 16];
         token.copy_from_slice(&a.ring_token);
         let peers = crate::tcp_ring::DataPeers {
@@ -421,7 +450,7 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             same_host_socket = ring.is_local(),
             "ring data link to the right neighbour is up"
         );
-        ring
+        Ok(ring)
     } else {
         block_on(
             ctx,
@@ -434,139 +463,189 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
                 ring_config,
                 ctx.cancel.clone(),
             ),
-        )?
-    };
-    let validation = if plan.validation_samples > 0 {
-        block_on(ctx, fetch(ctx, Split::Validation, 0))?
-    } else {
-        Shard::default()
-    };
+        )
+    }
+}
+
+fn train(
+    ctx: &JobContext,
+    reports: &Reports<'_>,
+    slot: &mut Option<HeldState>,
+) -> Result<Outcome, WorkerError> {
+    let plan = &ctx.plan;
+    let a = &ctx.assignment;
+    let (rank, world) = (a.rank as usize, a.world as usize);
+    let mut ring = connect_ring(ctx)?;
     let threads = crate::config::compute_threads();
     let mlp = Mlp::new(plan.model.clone(), plan.loss)
         .with_target_center(plan.target_center)
         .with_threads(threads);
-    let p = mlp.num_params();
     let classes = mlp.metric_classes();
-    let mut params = plan.model.init_params(plan.seed);
-    let mut opt = Optimizer::new(plan.optimizer, p);
+    // Where this generation starts: agreed with the other ranks before any step.
+    let source = resume::agree(
+        a,
+        plan,
+        classes,
+        slot,
+        &mut BlockingRing {
+            ctx,
+            ring: &mut ring,
+        },
+    )?;
+    let Some(s) = slot.as_mut() else {
+        return Err(WorkerError::Plan(
+            "the ranks agreed on a start but this rank holds no state".into(),
+        ));
+    };
+    info!(
+        step = s.step,
+        epochs_done = s.epochs_done,
+        source = source.as_str(),
+        "generation starts"
+    );
+    reports.send(worker_report::Kind::Resumed(Resumed {
+        step: s.step,
+        param_hash: s.hash(),
+        source: source.as_str().into(),
+    }));
+    let validation = if plan.validation_samples > 0 && !s.done {
+        block_on(ctx, fetch(ctx, Split::Validation, 0, 0))?
+    } else {
+        Shard::default()
+    };
     let mut pipeline = StepPipeline::from_plan(plan, &mlp, threads);
     let d = plan.features;
-    let mut step: u64 = 0;
-    let mut best: Option<(f64, Vec<f32>)> = None;
-    let mut since_best = 0u32;
-    let mut epochs_done = 0u32;
+    let spe = plan.steps_per_epoch().max(1) as u64;
     let mut timing = StepTiming::default();
     let mut pending_upload: Option<Upload> = None;
     let max_steps = plan.max_steps.unwrap_or(u64::MAX);
-    let mut next = Some(ctx.handle.spawn(fetch(ctx, Split::Train, 0)));
-    for epoch in 0..plan.epochs {
-        let shard = match next.take() {
-            Some(h) => block_on(ctx, async {
-                h.await.map_err(|e| WorkerError::Join(e.to_string()))?
-            })?,
-            None => return Err(WorkerError::Shard("missing epoch shard".into())),
-        };
-        if epoch + 1 < plan.epochs {
-            next = Some(ctx.handle.spawn(fetch(ctx, Split::Train, epoch + 1)));
+    let mut next: Option<(u32, tokio::task::JoinHandle<Result<Shard, WorkerError>>)> = None;
+    while !s.done {
+        let epoch = s.epochs_done;
+        if epoch >= plan.epochs {
+            s.done = true;
+            break;
         }
-        let lens = sharding::rank_batch_lens(plan.train_samples, plan.batch_size, rank, world);
-        if shard.rows != lens.iter().sum::<usize>() {
-            return Err(WorkerError::Shard(format!(
-                "epoch {epoch}: got {} rows, the plan needs {}",
-                shard.rows,
-                lens.iter().sum::<usize>()
-            )));
-        }
+        let start_batch = s.step.saturating_sub(epoch as u64 * spe).min(spe);
         let started = Instant::now();
-        let mut epoch_sums = MetricSums::new(classes);
-        let mut penalty_sum = 0.0;
-        let mut cursor = 0usize;
-        // Examples of this epoch consumed over all ranks (the global cursor).
-        let mut cursor_global = 0usize;
-        for &rows in &lens {
-            if ctx.cancel.is_cancelled() {
-                return Err(WorkerError::Cancelled);
-            }
-            if step >= max_steps {
-                break;
-            }
-            let t_step = Instant::now();
-            step += 1;
-            let _span = info_span!("step", step).entered();
-            let batch = Batch {
-                x: &shard.x[cursor * d..(cursor + rows) * d],
-                y: &shard.y[cursor..cursor + rows],
-                rows,
-                dropout: DropoutKey {
-                    seed: plan.seed,
-                    step,
-                    samples: &shard.idx[cursor..cursor + rows],
-                },
+        let mut trained = 0.0;
+        if start_batch < spe && s.step < max_steps {
+            let shard = match next.take() {
+                Some((e, h)) if e == epoch && start_batch == 0 => block_on(ctx, async {
+                    h.await.map_err(|e| WorkerError::Join(e.to_string()))?
+                })?,
+                _ => block_on(ctx, fetch(ctx, Split::Train, epoch, start_batch))?,
             };
-            cursor += rows;
-            let out = pipeline.run(
-                plan,
-                &mlp,
-                &mut params,
-                &mut opt,
-                &batch,
-                step,
-                &mut BlockingRing {
-                    ctx,
-                    ring: &mut ring,
-                },
-            )?;
-            timing.compute += out.compute_secs;
-            timing.allreduce += out.allreduce_secs;
-            timing.optimizer += out.optimizer_secs;
-            let (global, penalty, m) = (&out.global, out.penalty, out.batch());
-            penalty_sum += penalty * m;
-            reports.send(worker_report::Kind::Step(StepReport {
-                step,
-                epoch,
-                loss: global.loss() + penalty,
-                accuracy: if classes > 0 { global.accuracy() } else { 0.0 },
-                param_hash: crate::param_hash(&params),
-                global_batch: m as u32,
-            }));
-            epoch_sums.add(global);
-            if rank == 0 && plan.checkpoint_every > 0 && step.is_multiple_of(plan.checkpoint_every)
-            {
-                // One upload at a time: the previous one has had `checkpoint_every`
-                // steps to finish.
-                finish_upload(ctx, pending_upload.take())?;
-                let snap = Snapshot {
+            if epoch + 1 < plan.epochs {
+                next = Some((
+                    epoch + 1,
+                    ctx.handle.spawn(fetch(ctx, Split::Train, epoch + 1, 0)),
+                ));
+            }
+            let lens = sharding::rank_batch_lens_from(
+                plan.train_samples,
+                plan.batch_size,
+                rank,
+                world,
+                start_batch as usize,
+            );
+            if shard.rows != lens.iter().sum::<usize>() {
+                return Err(WorkerError::Shard(format!(
+                    "epoch {epoch} from batch {start_batch}: got {} rows, the plan needs {}",
+                    shard.rows,
+                    lens.iter().sum::<usize>()
+                )));
+            }
+            let mut cursor = 0usize;
+            for &rows in &lens {
+                if ctx.cancel.is_cancelled() {
+                    return Err(WorkerError::Cancelled);
+                }
+                if s.step >= max_steps {
+                    break;
+                }
+                let t_step = Instant::now();
+                let step = s.step + 1;
+                let _span = info_span!("step", step).entered();
+                let batch = Batch {
+                    x: &shard.x[cursor * d..(cursor + rows) * d],
+                    y: &shard.y[cursor..cursor + rows],
+                    rows,
+                    dropout: DropoutKey {
+                        seed: plan.seed,
+                        step,
+                        samples: &shard.idx[cursor..cursor + rows],
+                    },
+                };
+                pipeline.set_vote(ctx.drain.load(Ordering::Acquire));
+                // The pipeline changes the parameters and optimizer state only after
+                // the all-reduce succeeded, so an error leaves the state at `s.step`.
+                let out = pipeline.run(
+                    plan,
+                    &mlp,
+                    &mut s.params,
+                    &mut s.opt,
+                    &batch,
+                    step,
+                    &mut BlockingRing {
+                        ctx,
+                        ring: &mut ring,
+                    },
+                )?;
+                cursor += rows;
+                s.step = step;
+                timing.compute += out.compute_secs;
+                timing.allreduce += out.allreduce_secs;
+                timing.optimizer += out.optimizer_secs;
+                let (global, penalty, m) = (&out.global, out.penalty, out.batch());
+                s.penalty_sum += penalty * m;
+                s.epoch_sums.add(global);
+                trained += m;
+                reports.send(worker_report::Kind::Step(StepReport {
                     step,
                     epoch,
-                    final_: false,
-                    resume: ResumeState {
-                        epoch,
-                        epoch_cursor: (cursor_global + m as usize) as u64,
-                        rng_seed: plan.seed,
-                        schedule_step: step,
-                        early_stopping: early_state(plan, &best, since_best),
-                        privacy_ledger: None,
-                        epoch_sums: None,
-                        penalty_sum: 0.0,
-                    },
-                    best: best_params(plan, &best),
-                };
-                pending_upload = Some(upload(ctx, &params, &opt, snap));
+                    loss: global.loss() + penalty,
+                    accuracy: if classes > 0 { global.accuracy() } else { 0.0 },
+                    param_hash: s.hash(),
+                    global_batch: m as u32,
+                }));
+                if rank == 0
+                    && plan.checkpoint_every > 0
+                    && step.is_multiple_of(plan.checkpoint_every)
+                {
+                    // One upload at a time: the previous one has had `checkpoint_every`
+                    // steps to finish.
+                    finish_upload(ctx, pending_upload.take())?;
+                    pending_upload = Some(upload(ctx, s, false));
+                }
+                timing.total += t_step.elapsed().as_secs_f64();
+                timing.steps += 1;
+                timing.samples += m;
+                if out.stop {
+                    finish_upload(ctx, pending_upload.take())?;
+                    let leaving = ctx.leaving.load(Ordering::Acquire);
+                    info!(step, leaving, "stopping after this step (drain)");
+                    reports.send(worker_report::Kind::Stopped(Stopped {
+                        step,
+                        param_hash: s.hash(),
+                        leaving,
+                    }));
+                    ctx.handle.block_on(ring.close());
+                    return Ok(Outcome::Stopped);
+                }
             }
-            timing.total += t_step.elapsed().as_secs_f64();
-            timing.steps += 1;
-            timing.samples += m;
-            cursor_global += m as usize;
         }
+        // The epoch's end: validation, summary, early stopping. The state changes only
+        // after the validation all-reduce succeeded.
         let seconds = started.elapsed().as_secs_f64();
         let mut values = named(
-            &epoch_sums,
+            &s.epoch_sums,
             &plan.metrics,
             "",
-            penalty_sum / epoch_sums.count.max(1.0),
+            s.penalty_sum / s.epoch_sums.count.max(1.0),
         );
         if plan.validation_samples > 0 {
-            let v = evaluate(ctx, &mut ring, &mlp, &params, &validation, step)?;
+            let v = evaluate(ctx, &mut ring, &mlp, &s.params, &validation, s.step)?;
             values.extend(named(&v, &plan.metrics, "val_", 0.0));
         }
         let get = |k: &str| values.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
@@ -576,12 +655,10 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             accuracy: get("accuracy").unwrap_or(0.0),
             val_loss: get("val_loss"),
             val_accuracy: get("val_accuracy"),
-            samples_per_sec: plan.train_samples as f64 / seconds.max(1e-9),
+            samples_per_sec: trained / seconds.max(1e-9),
             seconds,
             metrics: values.iter().cloned().collect(),
         };
-        info!(epoch = epoch + 1, loss = summary.loss, "epoch done");
-        epochs_done = epoch + 1;
         // Early stopping sees only all-reduced numbers, so every rank decides alike.
         let mut stop = false;
         if let Some(es) = &plan.early_stopping {
@@ -596,78 +673,66 @@ fn train(ctx: &JobContext, reports: &Reports<'_>) -> Result<(), WorkerError> {
             } else {
                 -1.0
             };
-            let improved = best
+            let improved = s
+                .best
                 .as_ref()
                 .is_none_or(|(b, _)| sign * (current - b) > es.min_delta);
             if improved {
-                best = Some((
+                s.best = Some((
                     current,
                     if es.restore_best {
-                        params.clone()
+                        s.params.clone()
                     } else {
                         Vec::new()
                     },
                 ));
-                since_best = 0;
+                s.since_best = 0;
             } else {
-                since_best += 1;
+                s.since_best += 1;
                 // Keras: stop once `patience` epochs in a row brought no improvement.
-                stop = since_best >= es.patience;
+                stop = s.since_best >= es.patience;
             }
+        }
+        info!(epoch = epoch + 1, loss = summary.loss, "epoch done");
+        s.epochs_done = epoch + 1;
+        s.epoch_sums = MetricSums::new(classes);
+        s.penalty_sum = 0.0;
+        if stop {
+            info!(epoch = epoch + 1, "early stopping");
+        }
+        if stop || s.step >= max_steps || s.epochs_done >= plan.epochs {
+            s.done = true;
         }
         if rank == 0 {
             reports.send(worker_report::Kind::Epoch(EpochReport {
                 summary: Some(summary),
             }));
         }
-        if stop {
-            info!(epoch = epoch + 1, "early stopping");
-            break;
-        }
-        if step >= max_steps {
-            break;
-        }
     }
-    if let (Some(es), Some((_, best_params))) = (&plan.early_stopping, &best) {
-        if es.restore_best && !best_params.is_empty() {
-            params = best_params.clone();
+    if let (Some(es), Some((_, best))) = (&plan.early_stopping, &s.best) {
+        if es.restore_best && !best.is_empty() {
+            s.params = best.clone();
         }
     }
     let mut test_metrics = Vec::new();
     if plan.test_samples > 0 {
-        let test = block_on(ctx, fetch(ctx, Split::Test, 0))?;
-        let t = evaluate(ctx, &mut ring, &mlp, &params, &test, step)?;
+        let test = block_on(ctx, fetch(ctx, Split::Test, 0, 0))?;
+        let t = evaluate(ctx, &mut ring, &mlp, &s.params, &test, s.step)?;
         test_metrics = named(&t, &plan.metrics, "test_", 0.0);
     }
     if rank == 0 {
         finish_upload(ctx, pending_upload.take())?;
-        let snap = Snapshot {
-            step,
-            epoch: epochs_done,
-            final_: true,
-            resume: ResumeState {
-                epoch: epochs_done,
-                epoch_cursor: 0,
-                rng_seed: plan.seed,
-                schedule_step: step,
-                early_stopping: early_state(plan, &best, since_best),
-                privacy_ledger: None,
-                epoch_sums: None,
-                penalty_sum: 0.0,
-            },
-            best: best_params(plan, &best),
-        };
-        finish_upload(ctx, Some(upload(ctx, &params, &opt, snap)))?;
+        finish_upload(ctx, Some(upload(ctx, s, true)))?;
     }
     ctx.handle.block_on(ring.close());
     let get = |k: &str| test_metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
     reports.send(worker_report::Kind::Finished(Finished {
-        steps: step,
+        steps: s.step,
         test_loss: get("test_loss"),
         test_accuracy: get("test_accuracy"),
         test_metrics: test_metrics.iter().cloned().collect(),
-        epochs: epochs_done,
+        epochs: s.epochs_done,
         timing: timing.into_map(),
     }));
-    Ok(())
+    Ok(Outcome::Finished)
 }

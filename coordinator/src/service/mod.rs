@@ -34,8 +34,8 @@ use futures::StreamExt;
 use ringtrain_core::plan::TrainingPlan;
 use ringtrain_core::{Generation, JobId, Rank, WorkerId};
 use ringtrain_proto::v1::{
-    control_message, Assignment, AttachRequest, CancelJob, ControlMessage, JobStatus, Metrics,
-    Registered, Shutdown, SubmitRequest,
+    control_message, Assignment, AttachRequest, CancelJob, ControlMessage, Drain, GenerationEvent,
+    JobStatus, Metrics, Registered, Shutdown, SubmitRequest,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -48,7 +48,9 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::ServerConfig;
 use crate::error::CoordinatorError;
 use crate::job_file::{JobFile, PlanData};
-use crate::job_machine::{Effect, Event, JobMachine, JobState, LossPolicy};
+use crate::job_machine::{
+    Effect, Event, JobMachine, JobState, LossPolicy, MachineConfig, StartKind,
+};
 
 /// Control messages buffered per worker. A worker reads its stream continuously, so a
 /// full buffer means it is stuck: it is dropped rather than sent to silently.
@@ -146,6 +148,13 @@ fn parse_num(id: &str, prefix: &str) -> Option<u64> {
     id.strip_prefix(prefix)?.parse().ok()
 }
 
+/// What an assignment says besides the members.
+struct GenerationStart {
+    generation: Generation,
+    state_floor: Generation,
+    checkpoint: Option<ringtrain_core::Step>,
+}
+
 /// The coordinator. Cheap to share (`Arc`); every method is safe to call concurrently.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -209,13 +218,48 @@ impl Coordinator {
                     generation,
                     members,
                     resume_from,
+                    state_floor,
+                    checkpoint,
                 } => {
-                    if let Err(message) = self.send_assignments(st, n, generation, &members) {
+                    let start = GenerationStart {
+                        generation,
+                        state_floor,
+                        checkpoint,
+                    };
+                    if let Err(message) = self.send_assignments(st, n, &start, &members) {
                         let more = self.apply(st, n, Event::Fault { message });
                         deferred.extend(more);
                     } else {
                         info!(job = ?st.jobs.get(&n).map(|j| &j.id), generation = generation.0, from_step = resume_from.0, workers = ?members, "generation started");
                     }
+                }
+                Effect::DrainGeneration {
+                    generation,
+                    workers,
+                    reason,
+                } => {
+                    let Some(id) = st.jobs.get(&n).map(|j| j.id.clone()) else {
+                        continue;
+                    };
+                    info!(job = %id, generation = generation.0, reason = %reason, "draining the generation at the next step boundary");
+                    for w in workers {
+                        st.send_control(
+                            &w,
+                            control_message::Kind::Drain(Drain {
+                                job_id: id.0.clone(),
+                                generation: generation.0,
+                                reason: reason.clone(),
+                            }),
+                        );
+                    }
+                }
+                Effect::WaitDeadline { token } => {
+                    let wait = st
+                        .jobs
+                        .get(&n)
+                        .map(|j| std::time::Duration::from_secs(j.file.fault.max_wait_secs))
+                        .unwrap_or_default();
+                    self.later(n, wait, Event::WaitExpired { token });
                 }
                 Effect::CancelGeneration {
                     generation,
@@ -262,7 +306,7 @@ impl Coordinator {
                     }
                 }
                 e @ Effect::WriteCheckpoint { .. } => deferred.push(e),
-                Effect::ConfirmLater { event } => self.confirm_later(n, *event),
+                Effect::ConfirmLater { event } => self.later(n, SUSPECT_GRACE, *event),
             }
         }
         if let Some(job) = st.jobs.get(&n) {
@@ -271,27 +315,28 @@ impl Coordinator {
         deferred
     }
 
-    /// Feeds `event` to job `n` again after [`SUSPECT_GRACE`], from a tracked task.
-    fn confirm_later(&self, n: u64, event: Event) {
+    /// Feeds `event` to job `n` after `wait`, from a tracked task.
+    fn later(&self, n: u64, wait: std::time::Duration, event: Event) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
         self.tasks.spawn(async move {
-            tokio::time::sleep(SUSPECT_GRACE).await;
+            tokio::time::sleep(wait).await;
             let mut st = me.lock();
             me.apply(&mut st, n, event);
             me.settle(&mut st);
         });
     }
 
-    /// Sends every member its assignment for `generation`, with a fresh ring token.
+    /// Sends every member its assignment for the generation, with a fresh ring token.
     fn send_assignments(
         &self,
         st: &mut State,
         n: u64,
-        generation: Generation,
+        start: &GenerationStart,
         members: &[WorkerId],
     ) -> Result<(), String> {
+        let generation = start.generation;
         let Some(job) = st.jobs.get(&n) else {
             return Ok(());
         };
@@ -332,8 +377,8 @@ impl Coordinator {
                 data_peers: data_peers.clone(),
                 ring_token: ring_token.clone().into(),
                 data_locals: data_locals.clone(),
-                state_floor: 0,
-                checkpoint_step: 0,
+                state_floor: start.state_floor.0,
+                checkpoint_step: start.checkpoint.map(|c| c.0).unwrap_or(0),
             };
             if !st.send_control(m, control_message::Kind::Assignment(a)) {
                 return Err(format!(
@@ -377,8 +422,31 @@ impl Coordinator {
                 .collect();
             self.apply(st, n, Event::WorkersAvailable { idle });
             if st.jobs.get(&n).map(|j| j.machine.state()) == Some(JobState::Waiting) {
-                break;
+                return;
             }
+        }
+        // Workers nobody waits for may join running elastic jobs (oldest first); the
+        // machine drains a generation only when it has room.
+        let idle: Vec<WorkerId> = st
+            .workers
+            .values()
+            .filter(|(_, w)| w.job.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        let running: Vec<u64> = st
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                let (_, max) = j.machine.range();
+                j.machine.state() == JobState::Running && j.machine.members().len() < max
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for n in running {
+            self.apply(st, n, Event::WorkersAvailable { idle: idle.clone() });
         }
     }
 
@@ -468,7 +536,15 @@ impl Coordinator {
         info!(job = %id, name = %file.name, workers = %file.workers, "job submitted");
         let entry = JobEntry {
             id: id.clone(),
-            machine: JobMachine::new(file.workers.max() as usize, LossPolicy::Fail),
+            machine: JobMachine::with_config(MachineConfig {
+                min: file.workers.min() as usize,
+                max: file.workers.max() as usize,
+                policy: LossPolicy::NewGeneration,
+                max_restarts: file.fault.max_restarts,
+                first: StartKind::Start,
+                first_reason: "job started".into(),
+                checkpoint: None,
+            }),
             file,
             spec_hash,
             plan,
@@ -671,34 +747,43 @@ impl Coordinator {
 }
 
 /// Publishes the machine's view of a job (state, generation, members, verified steps,
-/// error) into its status; watchers see a change only when something did change.
+/// events, error) into its status; watchers see a change only when something did change.
 fn publish(job: &JobEntry) {
     let m = &job.machine;
     job.status.send_if_modified(|s| {
-        let before = (
-            s.state.clone(),
-            s.generation,
-            s.worker_ids.clone(),
-            s.verified_steps,
-            s.error.clone(),
-        );
+        let before = s.clone();
         s.state = m.state().as_str().into();
         s.generation = m.generation().0;
         if !m.members().is_empty() {
             s.worker_ids = m.members().iter().map(|w| w.0.clone()).collect();
+            s.workers = m.members().len() as u32;
         }
+        let (min, max) = m.range();
+        s.workers_min = min as u32;
+        s.workers_max = max as u32;
         s.verified_steps = m.verified_steps();
         if let Some(e) = m.error() {
             s.error = e.to_string();
         }
-        before
-            != (
-                s.state.clone(),
-                s.generation,
-                s.worker_ids.clone(),
-                s.verified_steps,
-                s.error.clone(),
-            )
+        if s.events.len() != m.events().len()
+            || s.events.last().map(|e| e.step) != m.events().last().map(|e| e.step.0)
+        {
+            s.events = m
+                .events()
+                .iter()
+                .map(|e| GenerationEvent {
+                    generation: e.generation.0,
+                    kind: e.kind.as_str().into(),
+                    reason: e.reason.clone(),
+                    step: e.step.0,
+                    workers: e.workers,
+                })
+                .collect();
+        }
+        if m.state() != JobState::Running {
+            s.stalled.clear();
+        }
+        *s != before
     });
 }
 

@@ -91,7 +91,33 @@ impl Coordinator {
                     self.apply(&mut st, n, event);
                     None
                 }
-                Some(worker_report::Kind::Resumed(_)) | Some(worker_report::Kind::Stopped(_)) => {
+                Some(worker_report::Kind::Resumed(r)) => {
+                    if let Some(job) = st.jobs.get(&n) {
+                        if rank.0 == 0 {
+                            show_resumed(job, r.step);
+                        }
+                        info!(job = %job.id, generation = job.machine.generation().0, rank = rank.0, step = r.step, source = %r.source, "rank resumed");
+                    }
+                    let event = Event::Resumed {
+                        rank,
+                        step: Step(r.step),
+                        param_hash: r.param_hash,
+                        fresh: r.source != "peer",
+                    };
+                    self.apply(&mut st, n, event);
+                    None
+                }
+                Some(worker_report::Kind::Stopped(s)) => {
+                    if let Some(job) = st.jobs.get(&n) {
+                        info!(job = %job.id, generation = job.machine.generation().0, rank = rank.0, step = s.step, leaving = s.leaving, "rank stopped at the drain");
+                    }
+                    let event = Event::Stopped {
+                        rank,
+                        step: Step(s.step),
+                        param_hash: s.param_hash,
+                        leaving: s.leaving,
+                    };
+                    self.apply(&mut st, n, event);
                     None
                 }
                 None => None,
@@ -350,7 +376,11 @@ impl Coordinator {
                 .jobs
                 .get(&n)
                 .ok_or_else(|| CoordinatorError::UnknownJob(req.job_id.clone()))?;
-            (job.data.clone(), job.plan.clone(), job.machine.world())
+            (
+                job.data.clone(),
+                job.plan.clone(),
+                job.machine.members().len(),
+            )
         };
         let rank = req.rank as usize;
         let rows: Vec<u32>;
@@ -358,13 +388,14 @@ impl Coordinator {
             .map_err(|_| CoordinatorError::Precondition(format!("unknown split {}", req.split)))?;
         let set = match split {
             Split::Train => {
-                rows = sharding::rank_epoch_indices(
+                rows = sharding::rank_epoch_indices_from(
                     plan.seed,
                     req.epoch,
                     data.train.rows(),
                     plan.batch_size,
                     rank,
                     world,
+                    req.start_batch as usize,
                 );
                 &data.train
             }
@@ -445,6 +476,16 @@ fn checkpoint_to_parts(c: &Checkpoint) -> Vec<CheckpointPart> {
         }
     }
     parts
+}
+
+/// Where the generation starts, into the status (the step shown never runs ahead of
+/// the state the job continues from).
+fn show_resumed(job: &JobEntry, step: u64) {
+    let spe = job.plan.steps_per_epoch().max(1) as u64;
+    job.status.send_modify(|st| {
+        st.step = step;
+        st.epoch = (step / spe) as u32;
+    });
 }
 
 /// Rank 0's step report, into the status (progress, latest loss and accuracy).
