@@ -156,12 +156,6 @@ pub async fn run_local(
         opts.resume.as_deref(),
     )?;
     req.max_steps = opts.max_steps.unwrap_or(0);
-    // A resume without --workers runs as many workers as the run was started with; the
-    // run directory is on this machine, so read that here.
-    let resumed_workers = match (&opts.resume, opts.workers) {
-        (Some(run_dir), None) => Some(resumed_worker_count(run_dir)?),
-        _ => None,
-    };
     let core = Coordinator::new(ServerConfig {
         // Run directories land in ./runs/<name>-<id>/ (checkpoints inside them).
         data_dir: PathBuf::from("."),
@@ -170,6 +164,13 @@ pub async fn run_local(
         ..ServerConfig::default()
     });
     let job_id = core.submit(req).await?;
+    // A resume without --workers runs as many workers as the run was started with; the
+    // run directory is on this machine, so read that here (after the coordinator
+    // accepted the resume, whose errors say best what is wrong with the directory).
+    let resumed_workers = match (&opts.resume, opts.workers) {
+        (Some(run_dir), None) => Some(resumed_worker_count(run_dir)?),
+        _ => None,
+    };
     let status = core.get(&job_id.0)?;
     let workers = resumed_workers.unwrap_or(status.workers);
 

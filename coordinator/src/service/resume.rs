@@ -168,10 +168,19 @@ fn read_saved(run_dir: &Path) -> Result<(String, SavedSubmit), CoordinatorError>
     let text = match fs::read_to_string(&toml_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CoordinatorError::Precondition(format!(
-                "{shown} has no {SAVED_JOB_FILE}: is it a ringtrain run directory (it holds \
-                 metrics.jsonl, checkpoints/)?"
-            )))
+            let looks_like_a_run =
+                run_dir.join(METRICS_FILE).exists() || run_dir.join(CHECKPOINTS_DIR).is_dir();
+            return Err(CoordinatorError::Precondition(if looks_like_a_run {
+                format!(
+                    "{shown} has no {SAVED_JOB_FILE}: the run was started by a ringtrain that \
+                     did not save its job file, so it cannot be resumed (start a new run)"
+                )
+            } else {
+                format!(
+                    "{shown} has no {SAVED_JOB_FILE}: is it a ringtrain run directory (it holds \
+                     metrics.jsonl, checkpoints/)?"
+                )
+            }));
         }
         Err(e) => {
             return Err(CoordinatorError::io(format!(
@@ -186,8 +195,8 @@ fn read_saved(run_dir: &Path) -> Result<(String, SavedSubmit), CoordinatorError>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(CoordinatorError::Precondition(format!(
                 "{shown} has {SAVED_JOB_FILE} but no {SAVED_SUBMIT_FILE} (written beside it at \
-                 submit, it says where dataset paths resolve); resume with the job file itself: \
-                 --resume {shown} JOB.toml"
+                 submit, it says where the job's dataset paths resolve); restore it, or start a \
+                 new run"
             )))
         }
         Err(e) => {
@@ -742,6 +751,20 @@ mod tests {
             ),
             "{e}"
         );
+        fs::create_dir(tmp.path().join(CHECKPOINTS_DIR)).unwrap();
+        let e = plan_resume(&request(tmp.path(), ""), BIG)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has no job.toml: the run was started by a ringtrain that did not save"),
+            "{e}"
+        );
+        let (_run_tmp, run) = run_dir(&[4], 0);
+        fs::remove_file(run.join(SAVED_SUBMIT_FILE)).unwrap();
+        let e = plan_resume(&request(&run, ""), BIG)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has job.toml but no job.json"), "{e}");
         let e = plan_resume(&request(&tmp.path().join("nope"), ""), BIG)
             .unwrap_err()
             .to_string();
