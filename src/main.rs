@@ -59,8 +59,14 @@ enum Command {
         /// Keep ring data on TCP even between workers on this host.
         #[arg(long)]
         tcp_only: bool,
-        /// The job file.
-        job: PathBuf,
+        /// Continue the run in RUN_DIR from its newest checkpoint that verifies, writing on
+        /// into it (not with --out). Without JOB.toml the job file saved in RUN_DIR is
+        /// used; with one, only `epochs` may differ from it, and only upwards.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// The job file (optional with --resume).
+        #[arg(required_unless_present = "resume")]
+        job: Option<PathBuf>,
     },
     /// Run a coordinator.
     Serve {
@@ -96,7 +102,7 @@ enum Command {
         #[arg(long)]
         tcp_only: bool,
     },
-    /// Submit a job file to the coordinator.
+    /// Submit a job file to the coordinator, or continue a run (--resume).
     Submit {
         /// Override the job file's `workers`.
         #[arg(long)]
@@ -104,8 +110,15 @@ enum Command {
         /// Run directory on the coordinator's host.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// The job file.
-        job: PathBuf,
+        /// Continue the run in RUN_DIR (on the coordinator's host) from its newest
+        /// checkpoint that verifies, writing on into it (not with --out). Without JOB.toml
+        /// the job file saved in RUN_DIR is used; with one, only `epochs` may differ from
+        /// it, and only upwards.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// The job file (optional with --resume).
+        #[arg(required_unless_present = "resume")]
+        job: Option<PathBuf>,
     },
     /// Show a job's state, epoch, step and metrics.
     Status {
@@ -360,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             collective_timeout_secs,
             data_plane,
             tcp_only,
+            resume,
             job,
         } => {
             init_tracing("warn");
@@ -368,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let status = run_local(
                 LocalOptions {
                     job,
+                    resume,
                     workers,
                     out,
                     exe,
@@ -431,9 +446,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ringtrain_worker::agent::run(config, listener, shutdown_token()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Submit { workers, out, job } => {
+        Command::Submit {
+            workers,
+            out,
+            resume,
+            job,
+        } => {
             init_tracing("warn");
-            let req = client::submit_request(&job, out.as_deref(), workers)?;
+            let req =
+                client::submit_request(job.as_deref(), out.as_deref(), workers, resume.as_deref())?;
             let mut c = client::connect(&cli.coordinator).await?;
             let id = c.submit(req).await.map_err(status_err)?.into_inner().job_id;
             if json {
@@ -546,7 +567,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .join(format!("ringtrain-bench-{}", std::process::id()));
                     let status = run_local(
                         LocalOptions {
-                            job,
+                            job: Some(job),
+                            resume: None,
                             workers: Some(workers),
                             out: Some(out.clone()),
                             exe,

@@ -1,6 +1,6 @@
 //! `ringtrain local`: an embedded coordinator plus N worker OS processes on 127.0.0.1.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::client::{is_terminal, submit_request};
 use crate::config::ServerConfig;
 use crate::error::CoordinatorError;
+use crate::job_file::{JobFile, SavedSubmit, SAVED_JOB_FILE, SAVED_SUBMIT_FILE};
 use crate::server::serve;
 use crate::service::Coordinator;
 
@@ -72,11 +73,58 @@ fn exited_early(children: &mut [Child], tails: &[Arc<Mutex<StderrTail>>]) -> Opt
     None
 }
 
+/// How many workers the run in `run_dir` was started with: the `--workers` it was
+/// submitted with (saved in `job.json`), or else its saved job file's `workers` (the
+/// most, for an elastic range).
+fn resumed_worker_count(run_dir: &Path) -> Result<u32, CoordinatorError> {
+    if !run_dir.is_dir() {
+        return Err(CoordinatorError::BadRequest(format!(
+            "{}: no such directory (--resume takes the run directory of an earlier job, such \
+             as runs/<name>-<job id>)",
+            run_dir.display()
+        )));
+    }
+    let toml_path = run_dir.join(SAVED_JOB_FILE);
+    let text = std::fs::read_to_string(&toml_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            CoordinatorError::Precondition(format!(
+                "{} has no {SAVED_JOB_FILE}: is it a ringtrain run directory (it holds \
+                 metrics.jsonl, checkpoints/)?",
+                run_dir.display()
+            ))
+        } else {
+            CoordinatorError::io(format!("reading {}", toml_path.display()))(e)
+        }
+    })?;
+    let file = JobFile::parse(&text, &toml_path.display().to_string())?;
+    let json_path = run_dir.join(SAVED_SUBMIT_FILE);
+    let overridden = match std::fs::read(&json_path) {
+        Ok(bytes) => {
+            let saved: SavedSubmit =
+                serde_json::from_slice(&bytes).map_err(|e| CoordinatorError::Data {
+                    path: json_path.display().to_string(),
+                    message: format!("not a saved submit: {e}"),
+                })?;
+            saved.workers
+        }
+        // The coordinator's resume reports a missing job.json with the fix.
+        Err(_) => 0,
+    };
+    Ok(if overridden > 0 {
+        overridden
+    } else {
+        file.workers.max()
+    })
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
-    /// The job file.
-    pub job: PathBuf,
+    /// The job file (optional with `resume`: the run's saved one is used).
+    pub job: Option<PathBuf>,
+    /// A run directory to continue from its newest checkpoint that verifies, writing on
+    /// into it (then `out` must be `None`).
+    pub resume: Option<PathBuf>,
     /// Worker processes (default: the job's `workers`).
     pub workers: Option<u32>,
     /// Run directory (default `runs/<name>-<id>/`).
@@ -101,7 +149,12 @@ pub async fn run_local(
     interrupt: CancellationToken,
 ) -> Result<JobStatus, CoordinatorError> {
     // Validate and load first: bad input fails before any process starts.
-    let mut req = submit_request(&opts.job, opts.out.as_deref(), opts.workers)?;
+    let mut req = submit_request(
+        opts.job.as_deref(),
+        opts.out.as_deref(),
+        opts.workers,
+        opts.resume.as_deref(),
+    )?;
     req.max_steps = opts.max_steps.unwrap_or(0);
     let core = Coordinator::new(ServerConfig {
         // Run directories land in ./runs/<name>-<id>/ (checkpoints inside them).
@@ -111,8 +164,15 @@ pub async fn run_local(
         ..ServerConfig::default()
     });
     let job_id = core.submit(req).await?;
+    // A resume without --workers runs as many workers as the run was started with; the
+    // run directory is on this machine, so read that here (after the coordinator
+    // accepted the resume, whose errors say best what is wrong with the directory).
+    let resumed_workers = match (&opts.resume, opts.workers) {
+        (Some(run_dir), None) => Some(resumed_worker_count(run_dir)?),
+        _ => None,
+    };
     let status = core.get(&job_id.0)?;
-    let workers = status.workers;
+    let workers = resumed_workers.unwrap_or(status.workers);
 
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -230,7 +290,8 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let opts = LocalOptions {
-            job,
+            job: Some(job),
+            resume: None,
             workers: None,
             out: Some(dir.path().join("out")),
             exe,
@@ -254,6 +315,57 @@ mod tests {
                     .contains("cannot bind 127.0.0.1:0: no such device"),
             "{}",
             status.error
+        );
+    }
+
+    #[test]
+    fn a_resume_runs_as_many_workers_as_the_run_was_started_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = resumed_worker_count(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("has no job.toml: is it a ringtrain run directory"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("job.toml"), crate::test_jobs::tiny(3, 1)).unwrap();
+        assert_eq!(resumed_worker_count(dir.path()).unwrap(), 3);
+        let saved = SavedSubmit {
+            source: "t.toml".into(),
+            base_dir: "/".into(),
+            workers: 2,
+            max_steps: 0,
+        };
+        std::fs::write(
+            dir.path().join("job.json"),
+            serde_json::to_vec(&saved).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(resumed_worker_count(dir.path()).unwrap(), 2);
+        let e = resumed_worker_count(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope: no such directory"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn out_with_resume_is_refused_before_anything_starts() {
+        let opts = LocalOptions {
+            job: None,
+            resume: Some(PathBuf::from("runs/t-j-1")),
+            workers: None,
+            out: Some(PathBuf::from("elsewhere")),
+            exe: PathBuf::from("/nonexistent/ringtrain"),
+            collective_timeout: Duration::from_secs(5),
+            max_steps: None,
+            data_plane: crate::config::DataPlane::Tcp,
+            tcp_only: false,
+        };
+        let e = run_local(opts, |_| {}, CancellationToken::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--out elsewhere cannot be given with --resume"),
+            "{e}"
         );
     }
 }

@@ -591,6 +591,157 @@ impl JobFile {
     }
 }
 
+/// Name of the job file's text as saved in a run directory at submit.
+pub const SAVED_JOB_FILE: &str = "job.toml";
+/// Name of [`SavedSubmit`] (JSON) beside [`SAVED_JOB_FILE`] in a run directory.
+pub const SAVED_SUBMIT_FILE: &str = "job.json";
+
+/// What a resume needs besides the saved job file's text: how it was submitted, so it is
+/// read again with the same relative dataset paths and the same overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedSubmit {
+    /// Where the job file came from (for messages).
+    pub source: String,
+    /// The directory its relative dataset paths resolve against.
+    pub base_dir: String,
+    /// The `--workers` override (0: the job file's `workers`).
+    pub workers: u32,
+    /// The step limit (0: none).
+    pub max_steps: u64,
+}
+
+/// Checks that `new` may continue the run in `run_dir`, which was started with `saved`:
+/// every field must be equal except `epochs`, which may grow. Compare resolved job files
+/// ([`JobFile::resolved`]), so the same dataset named relative to another directory is
+/// still the same. The error names the first differing field of `new` (in `source`) with
+/// both values.
+pub fn check_resume(
+    saved: &JobFile,
+    new: &JobFile,
+    source: &str,
+    run_dir: &str,
+) -> Result<(), SpecError> {
+    let err = |field: String, message: String| SpecError {
+        file: source.to_string(),
+        field,
+        message,
+    };
+    if new.epochs < saved.epochs {
+        return Err(err(
+            "epochs".into(),
+            format!(
+                "the run in {run_dir} was started with {}, this job file says {}; epochs may \
+                 grow on a resume but not shrink (set epochs >= {}, or start a new run)",
+                saved.epochs, new.epochs, saved.epochs
+            ),
+        ));
+    }
+    // Epochs are checked above; everything else must be equal.
+    let mut new_same_epochs = new.clone();
+    new_same_epochs.epochs = saved.epochs;
+    match first_difference("", saved, &new_same_epochs).map_err(|e| err("job".into(), e))? {
+        None => Ok(()),
+        Some(d) => Err(err(
+            d.field,
+            format!(
+                "the run in {run_dir} was started with {}, this job file says {}; only epochs \
+                 may change on a resume (resume with the original job file, or start a new run)",
+                d.was, d.now
+            ),
+        )),
+    }
+}
+
+/// Where two values of a job file's types first differ: the dotted field path as the job
+/// file spells it (`model.layers[1].dense`, `train.optimizer.adam.learning_rate`) and
+/// both values, written for a message (`64`, `"relu"`, `the default`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDifference {
+    /// The dotted path.
+    pub field: String,
+    /// The value in the first (older) one.
+    pub was: String,
+    /// The value in the second (newer) one.
+    pub now: String,
+}
+
+/// The first field where `was` and `now` differ, walking their serialized forms in key
+/// order; `prefix` is the path of the values themselves (`"model"`, or `""` for a whole
+/// job file). `None` when they are equal. The error is a serialization failure.
+pub fn first_difference<T: Serialize>(
+    prefix: &str,
+    was: &T,
+    now: &T,
+) -> Result<Option<FieldDifference>, String> {
+    let was = serde_json::to_value(was).map_err(|e| format!("cannot compare: {e}"))?;
+    let now = serde_json::to_value(now).map_err(|e| format!("cannot compare: {e}"))?;
+    Ok(diff_values(prefix.to_string(), Some(&was), Some(&now)))
+}
+
+fn join_field(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A value as a message shows it; a key left out of the serialized form (a default such
+/// as `use_bias = true`) or a null (an unset option) is "the default".
+fn show_value(v: Option<&serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => "the default".into(),
+        Some(v) => v.to_string(),
+    }
+}
+
+fn diff_values(
+    path: String,
+    was: Option<&serde_json::Value>,
+    now: Option<&serde_json::Value>,
+) -> Option<FieldDifference> {
+    use serde_json::Value;
+    let whole = |path: String| {
+        Some(FieldDifference {
+            field: path,
+            was: show_value(was),
+            now: show_value(now),
+        })
+    };
+    match (was, now) {
+        (Some(Value::Object(a)), Some(Value::Object(b))) => {
+            // An enum written as `{ variant = { ... } }` (the optimizer, a schedule) that
+            // changed variant is one difference at the enum's own path.
+            if a.len() == 1 && b.len() == 1 && a.keys().ne(b.keys()) {
+                return whole(path);
+            }
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .find_map(|k| diff_values(join_field(&path, k), a.get(k), b.get(k)))
+        }
+        (Some(Value::Array(a)), Some(Value::Array(b))) => {
+            let first = a
+                .iter()
+                .zip(b)
+                .enumerate()
+                .find_map(|(i, (x, y))| diff_values(format!("{path}[{i}]"), Some(x), Some(y)));
+            match first {
+                Some(d) => Some(d),
+                None if a.len() != b.len() => Some(FieldDifference {
+                    field: path,
+                    was: format!("{} entries", a.len()),
+                    now: format!("{} entries", b.len()),
+                }),
+                None => None,
+            }
+        }
+        (a, b) if a == b => None,
+        _ => whole(path),
+    }
+}
+
 /// The parts of a [`TrainingPlan`] that the job file alone does not give: sizes of the
 /// loaded data, the coordinator's collective deadline, a benchmark's step limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -701,6 +852,113 @@ loss = "sparse_categorical_crossentropy"
         assert!(
             e.contains("data.train.images") && e.contains("file not found"),
             "{e}"
+        );
+    }
+
+    fn seed_edited(from: &str, to: &str) -> JobFile {
+        assert!(
+            SEED.contains(from),
+            "the seed example no longer has {from:?}"
+        );
+        JobFile::parse(&SEED.replacen(from, to, 1), "new.toml").unwrap()
+    }
+
+    #[test]
+    fn resuming_with_the_same_job_file_is_accepted() {
+        let saved = JobFile::parse(SEED, "job.toml").unwrap();
+        check_resume(&saved, &saved.clone(), "new.toml", "runs/x").unwrap();
+    }
+
+    #[test]
+    fn epochs_may_grow_on_a_resume() {
+        let saved = JobFile::parse(SEED, "job.toml").unwrap();
+        let new = seed_edited("epochs = 10", "epochs = 25");
+        check_resume(&saved, &new, "new.toml", "runs/x").unwrap();
+    }
+
+    #[test]
+    fn fewer_epochs_are_refused_naming_both_counts() {
+        let saved = JobFile::parse(SEED, "job.toml").unwrap();
+        let new = seed_edited("epochs = 10", "epochs = 4");
+        let e = check_resume(&saved, &new, "new.toml", "runs/x").unwrap_err();
+        assert_eq!(e.field, "epochs");
+        let text = e.to_string();
+        assert!(text.starts_with("new.toml: epochs: "), "{text}");
+        assert!(
+            text.contains("runs/x") && text.contains("with 10") && text.contains("says 4"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_changed_layer_width_is_refused_naming_the_layer() {
+        let saved = JobFile::parse(SEED, "job.toml").unwrap();
+        let new = seed_edited(
+            "{ dense = 64, activation = \"relu\" },\n  { dense = 10",
+            "{ dense = 32, activation = \"relu\" },\n  { dense = 10",
+        );
+        let e = check_resume(&saved, &new, "new.toml", "runs/x").unwrap_err();
+        assert_eq!(e.field, "model.layers[1].dense");
+        assert_eq!(
+            e.to_string(),
+            "new.toml: model.layers[1].dense: the run in runs/x was started with 64, this job \
+             file says 32; only epochs may change on a resume (resume with the original job \
+             file, or start a new run)"
+        );
+    }
+
+    #[test]
+    fn a_changed_learning_rate_is_refused_naming_the_field() {
+        let saved = JobFile::parse(SEED, "job.toml").unwrap();
+        let new = seed_edited("learning_rate = 0.001", "learning_rate = 0.01");
+        // Epochs growing at the same time does not hide the other change.
+        let new = JobFile { epochs: 20, ..new };
+        let e = check_resume(&saved, &new, "new.toml", "runs/x").unwrap_err();
+        assert_eq!(e.field, "train.optimizer.adam.learning_rate");
+        assert!(
+            e.message.contains("with 0.001") && e.message.contains("says 0.01"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn differences_in_defaults_variants_and_lengths_are_named() {
+        let saved = JobFile::parse(SEED, "job.toml").unwrap();
+        // A key left at its default (and so not serialized) against one that is set.
+        let new = seed_edited(
+            "{ dense = 10, activation = \"softmax\" }",
+            "{ dense = 10, activation = \"softmax\", l2 = 0.5 }",
+        );
+        let e = check_resume(&saved, &new, "new.toml", "runs/x").unwrap_err();
+        assert_eq!(e.field, "model.layers[2].l2");
+        assert!(
+            e.message.contains("with the default") && e.message.contains("says 0.5"),
+            "{e}"
+        );
+        // Another optimizer is one difference at the optimizer, not at a variant's field.
+        let new = seed_edited(
+            "{ adam = { learning_rate = 0.001 } }",
+            "{ sgd = { learning_rate = 0.001 } }",
+        );
+        let e = check_resume(&saved, &new, "new.toml", "runs/x").unwrap_err();
+        assert_eq!(e.field, "train.optimizer");
+        // An extra layer.
+        let new = seed_edited(
+            "{ dense = 10, activation = \"softmax\" },",
+            "{ dropout = 0.1 },\n  { dense = 10, activation = \"softmax\" },",
+        );
+        let e = check_resume(&saved, &new, "new.toml", "runs/x").unwrap_err();
+        assert!(e.field.starts_with("model.layers"), "{e}");
+        let d = first_difference("model", &saved.model, &saved.model).unwrap();
+        assert_eq!(d, None);
+        let mut longer = saved.model.clone();
+        longer.layers.push(longer.layers[2].clone());
+        let d = first_difference("model", &saved.model, &longer)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (d.field.as_str(), d.was.as_str(), d.now.as_str()),
+            ("model.layers", "3 entries", "4 entries")
         );
     }
 
