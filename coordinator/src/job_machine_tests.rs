@@ -48,6 +48,8 @@ fn assign(g: u64, ns: &[u32], from: u64) -> Effect {
         generation: Generation(g),
         members: ns.iter().map(|&n| w(n)).collect(),
         resume_from: Step(from),
+        state_floor: Generation(1),
+        checkpoint: None,
     }
 }
 

@@ -453,8 +453,34 @@ impl Coordinator {
 
     // ------------------------------------------------------------------ jobs
 
-    /// Parses, validates and loads a job, then queues it.
+    /// Parses, validates and loads a job, then queues it. With `resume_dir`, the job
+    /// continues the run in that directory from its newest checkpoint that verifies.
     pub async fn submit(self: &Arc<Self>, req: SubmitRequest) -> Result<JobId, CoordinatorError> {
+        let resume = if req.resume_dir.is_empty() {
+            None
+        } else {
+            let r = req.clone();
+            let limit = self.config.max_model_bytes;
+            let plan = tokio::task::spawn_blocking(move || resume::plan_resume(&r, limit))
+                .await
+                .map_err(|e| CoordinatorError::Transport(e.to_string()))??;
+            for s in &plan.skipped {
+                warn!(run = %plan.run_dir.display(), problem = %s, "skipped a checkpoint that does not verify");
+            }
+            Some(plan)
+        };
+        let req = match &resume {
+            Some(plan) => SubmitRequest {
+                spec_toml: plan.spec_toml.clone(),
+                source: plan.source.clone(),
+                base_dir: plan.base_dir.clone(),
+                out_dir: plan.run_dir.display().to_string(),
+                workers: plan.workers,
+                max_steps: plan.max_steps,
+                resume_dir: req.resume_dir.clone(),
+            },
+            None => req,
+        };
         let source = if req.source.is_empty() {
             "job".to_string()
         } else {
@@ -503,11 +529,12 @@ impl Coordinator {
         });
         let plan_json = serde_json::to_string(&plan)
             .map_err(|e| CoordinatorError::Serialize(format!("the training plan: {e}")))?;
-        let mut st = self.lock();
-        st.next_job += 1;
-        let n = st.next_job;
+        let n = {
+            let mut st = self.lock();
+            st.next_job += 1;
+            st.next_job
+        };
         let id = JobId(format!("j-{n}-{}", self.epoch_tag));
-        st.job_index.insert(id.clone(), n);
         let out_dir = if req.out_dir.is_empty() {
             self.config
                 .data_dir
@@ -516,11 +543,32 @@ impl Coordinator {
         } else {
             PathBuf::from(&req.out_dir)
         };
+        // The run directory keeps the job file (so `--resume` needs none); a resume
+        // first trims what came after its checkpoint. Blocking file I/O, off the runtime.
+        {
+            let dir = out_dir.clone();
+            let saved = (
+                req.spec_toml.clone(),
+                source.clone(),
+                base.display().to_string(),
+                req.workers,
+                req.max_steps,
+            );
+            let plan = resume.clone();
+            tokio::task::spawn_blocking(move || match plan {
+                Some(p) => resume::begin_resume(&p),
+                None => resume::save_job_file(&dir, &saved.0, &saved.1, &saved.2, saved.3, saved.4),
+            })
+            .await
+            .map_err(|e| CoordinatorError::Transport(e.to_string()))??;
+        }
+        let mut st = self.lock();
+        st.job_index.insert(id.clone(), n);
         let mut total_steps = plan.steps_per_epoch() as u64 * plan.epochs as u64;
         if let Some(m) = plan.max_steps {
             total_steps = total_steps.min(m);
         }
-        let status = JobStatus {
+        let mut status = JobStatus {
             job_id: id.0.clone(),
             name: file.name.clone(),
             state: JobState::Submitted.as_str().into(),
@@ -535,6 +583,23 @@ impl Coordinator {
         };
         let store = CheckpointStore::new(out_dir.join("checkpoints"), file.checkpoint.keep);
         info!(job = %id, name = %file.name, workers = %file.workers, "job submitted");
+        let (first, first_reason, checkpoint) = match &resume {
+            Some(plan) => {
+                status.step = plan.checkpoint_step;
+                status.epoch = plan.checkpoint_epochs;
+                status.history = plan.history.clone();
+                (
+                    StartKind::Resumed,
+                    format!(
+                        "resumed from the checkpoint at step {} in {}",
+                        plan.checkpoint_step,
+                        plan.run_dir.display()
+                    ),
+                    Some(ringtrain_core::Step(plan.checkpoint_step)),
+                )
+            }
+            None => (StartKind::Start, "job started".to_string(), None),
+        };
         let entry = JobEntry {
             id: id.clone(),
             machine: JobMachine::with_config(MachineConfig {
@@ -542,9 +607,9 @@ impl Coordinator {
                 max: file.workers.max() as usize,
                 policy: LossPolicy::NewGeneration,
                 max_restarts: file.fault.max_restarts,
-                first: StartKind::Start,
-                first_reason: "job started".into(),
-                checkpoint: None,
+                first,
+                first_reason,
+                checkpoint,
             }),
             file,
             spec_hash,

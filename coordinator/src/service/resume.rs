@@ -10,10 +10,6 @@
 //!
 //! Everything here is blocking file I/O: callers run it on a blocking thread.
 
-// The service calls none of this yet; it wires `plan_resume`, `begin_resume` and
-// `save_job_file` into submit in issue 7. Remove this line then.
-#![allow(dead_code)]
-
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
