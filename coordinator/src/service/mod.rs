@@ -20,6 +20,7 @@
 mod job_data;
 mod outputs;
 mod reports;
+mod restore;
 
 use job_data::load_data;
 pub use job_data::JobData;
