@@ -795,3 +795,70 @@ async fn keep_alive(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_once_endpoints_are_given() {
+        assert!(EtcdConfig::default().validate().is_err());
+        let config = EtcdConfig::new(vec!["http://127.0.0.1:2379".into()]);
+        config.validate().unwrap();
+        assert_eq!(config.prefix, "/ringtrain");
+        assert_eq!(config.leader_ttl, Duration::from_secs(5));
+        assert_eq!(config.worker_ttl, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn validation_names_the_field_and_the_fix() {
+        let base = EtcdConfig::new(vec!["http://127.0.0.1:2379".into()]);
+        for (config, expect) in [
+            (
+                EtcdConfig {
+                    endpoints: vec![],
+                    ..base.clone()
+                },
+                "--etcd: no endpoints",
+            ),
+            (
+                EtcdConfig {
+                    prefix: "ringtrain".into(),
+                    ..base.clone()
+                },
+                "--etcd-prefix: \"ringtrain\" must start with '/'",
+            ),
+            (
+                EtcdConfig {
+                    prefix: "/ringtrain/".into(),
+                    ..base.clone()
+                },
+                "--etcd-prefix",
+            ),
+            (
+                EtcdConfig {
+                    leader_ttl: Duration::from_secs(1),
+                    ..base.clone()
+                },
+                "leader_ttl (--leader-ttl-secs): 1s is not a whole number of seconds of at least 2s",
+            ),
+            (
+                EtcdConfig {
+                    worker_ttl: Duration::from_millis(2500),
+                    ..base.clone()
+                },
+                "worker_ttl: 2.5s",
+            ),
+            (
+                EtcdConfig {
+                    connect_timeout: Duration::ZERO,
+                    ..base.clone()
+                },
+                "connect_timeout: must be more than zero",
+            ),
+        ] {
+            let e = config.validate().unwrap_err().to_string();
+            assert!(e.starts_with(expect), "{e}");
+        }
+    }
+}
