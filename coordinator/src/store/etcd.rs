@@ -221,10 +221,11 @@ impl EtcdStore {
             tasks: TaskTracker::new(),
         };
         // The client connects lazily: one read proves etcd answers.
-        store
-            .leader_now()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        match store.leader_now().await {
+            Ok(_) => {}
+            Err(StoreError::Unavailable { message, .. }) => return Err(unreachable(message)),
+            Err(e) => return Err(e),
+        }
         Ok(store)
     }
 
