@@ -244,6 +244,11 @@ impl EtcdStore {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether this store believes it leads (etcd has the last word: writes are fenced).
+    fn holding(&self) -> bool {
+        self.held().as_ref().is_some_and(|h| !h.lost.is_cancelled())
+    }
+
     /// One etcd request under the per-request deadline.
     async fn call<T>(
         &self,
@@ -506,6 +511,10 @@ impl EtcdStore {
         record_json: String,
     ) -> Result<(), StoreError> {
         let key = self.keys.worker(worker_id);
+        if !self.holding() {
+            // Refused before granting a lease the fenced put would then waste.
+            return Err(StoreError::Fenced { key });
+        }
         let mut workers = self.workers.lock().await;
         let existing = workers
             .get(worker_id)

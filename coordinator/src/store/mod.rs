@@ -134,7 +134,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Graceful end: stops the keep-alive tasks and revokes this store's leases, so a
     /// standby takes over at once instead of after the TTL. Dropping the store without
-    /// closing it behaves like a crash (the leases expire).
+    /// closing it behaves like a crash (the leases expire). A closed store is spent: it
+    /// no longer campaigns or writes.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
 
