@@ -82,6 +82,18 @@ enum Command {
         /// Ring transport: tcp (plain TCP data plane) or grpc (Collective streams).
         #[arg(long, default_value = "tcp")]
         data_plane: DataPlane,
+        /// Keep jobs, the checkpoint index and worker leases in etcd v3 at URL[,URL…]
+        /// (http://host:port); coordinators on one prefix elect a leader, the others
+        /// answer UNAVAILABLE until they take over. Without it, state lives in memory.
+        #[arg(long, env = "RINGTRAIN_ETCD", value_name = "URL[,URL…]")]
+        etcd: Option<String>,
+        /// Key prefix in etcd shared by the coordinators of one cluster.
+        #[arg(long, default_value = "/ringtrain")]
+        etcd_prefix: String,
+        /// TTL of the leader lease in seconds (at least 2): a standby takes over within
+        /// about this long after the leader dies.
+        #[arg(long, default_value_t = 5)]
+        leader_ttl_secs: u64,
     },
     /// Run a worker that attaches to a coordinator.
     Worker {
@@ -405,8 +417,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             collective_timeout_secs,
             data_plane,
+            etcd,
+            etcd_prefix,
+            leader_ttl_secs,
         } => {
             init_tracing("info");
+            let store = serve_store(etcd.as_deref(), etcd_prefix, leader_ttl_secs).await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -418,6 +434,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir,
                 collective_timeout: Duration::from_secs(collective_timeout_secs),
                 data_plane,
+                store,
                 ..ServerConfig::default()
             };
             ringtrain_coordinator::server::run(config, listener, shutdown_token()).await?;
@@ -623,4 +640,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
+}
+
+/// The store of `ringtrain serve`: etcd when `--etcd` is given, else `None` (memory).
+async fn serve_store(
+    etcd: Option<&str>,
+    prefix: String,
+    leader_ttl_secs: u64,
+) -> anyhow::Result<Option<std::sync::Arc<dyn ringtrain_coordinator::store::Store>>> {
+    use ringtrain_coordinator::store::{parse_endpoints, EtcdConfig, EtcdStore};
+    let Some(etcd) = etcd else {
+        return Ok(None);
+    };
+    let config = EtcdConfig {
+        endpoints: parse_endpoints(etcd)?,
+        prefix,
+        leader_ttl: Duration::from_secs(leader_ttl_secs),
+        ..EtcdConfig::default()
+    };
+    let store = EtcdStore::connect(config).await?;
+    tracing::info!(store = %ringtrain_coordinator::store::Store::describe(&store), "durable store");
+    Ok(Some(std::sync::Arc::new(store)))
 }

@@ -1,7 +1,10 @@
 //! Configuration of a coordinator.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::store::Store;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -20,6 +23,9 @@ pub struct ServerConfig {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// Durable state and the leader lease (`ringtrain serve --etcd`); `None` keeps
+    /// everything in memory ([`crate::store::MemoryStore`]) and leads at once.
+    pub store: Option<Arc<dyn Store>>,
 }
 
 /// The ring's transport for bulk data.
@@ -56,6 +62,7 @@ impl Default for ServerConfig {
             max_model_bytes: default_max_model_bytes(),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
+            store: None,
         }
     }
 }

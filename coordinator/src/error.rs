@@ -46,6 +46,13 @@ pub enum CoordinatorError {
     /// A server or connection failed.
     #[error("transport: {0}")]
     Transport(String),
+    /// The durable store (etcd) failed or refused a write.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The leader lease was lost while serving: the process exits so that a fresh one
+    /// campaigns again.
+    #[error("lost the leader lease; exiting so a fresh process can campaign again")]
+    LeaderLost,
 }
 
 impl CoordinatorError {

@@ -18,6 +18,7 @@ use ringtrain_core::CheckpointError;
 
 use crate::error::CoordinatorError;
 use crate::service::Coordinator;
+use crate::store::StoreError;
 use crate::watch;
 
 /// The one mapping from domain errors to gRPC status codes.
@@ -38,6 +39,12 @@ pub fn to_status(e: CoordinatorError) -> Status {
         CoordinatorError::Io { .. }
         | CoordinatorError::Serialize(_)
         | CoordinatorError::Transport(_) => Status::internal(msg),
+        CoordinatorError::Store(s) => match s {
+            StoreError::Fenced { .. } | StoreError::Unavailable { .. } => Status::unavailable(msg),
+            StoreError::Corrupt { .. } => Status::data_loss(msg),
+            StoreError::Config { .. } => Status::internal(msg),
+        },
+        CoordinatorError::LeaderLost => Status::unavailable(msg),
     }
 }
 

@@ -8,7 +8,10 @@
 //! - [`service`]: the [`Coordinator`] core: jobs, workers, scheduling, reports.
 //! - [`watch`]: what `JobService.Watch` sends: status updates coalesced to about ten a
 //!   second, history only when it grew, ending after the terminal status.
-//! - [`grpc`]: tonic adapters; [`server`]: serving on a bound listener.
+//! - [`grpc`]: tonic adapters; [`server`]: serving on a bound listener, behind a [`server::Gate`]
+//!   that lets only the leader serve.
+//! - [`store`]: durable state (jobs, checkpoint index, worker leases, the leader lease) in
+//!   etcd or in memory, behind one [`store::Store`] trait.
 //! - [`client`]: a client for the CLI; [`local`]: the embedded single-machine cluster.
 //! - [`model_input`]: the rows `predict` and `evaluate` read.
 //!
@@ -29,6 +32,7 @@ pub mod model_input;
 pub mod npy;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod watch;
 
 pub use config::{DataPlane, ServerConfig};

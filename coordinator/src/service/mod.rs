@@ -20,6 +20,7 @@
 mod job_data;
 mod outputs;
 mod reports;
+mod restore;
 mod resume;
 
 use job_data::load_data;
