@@ -68,10 +68,21 @@ fn failed(msg: &str) -> Effect {
     }
 }
 
+fn resumed(rank: u32, s: u64, hash: u64, fresh: bool) -> Event {
+    Event::Resumed {
+        rank: Rank(rank),
+        step: Step(s),
+        param_hash: hash,
+        fresh,
+    }
+}
+
 /// Two steps on both ranks, agreeing, then both ranks' end and the final checkpoint.
 fn trained_two_steps() -> Vec<Event> {
     vec![
         avail(&[1, 2]),
+        resumed(0, 0, 1, true),
+        resumed(1, 0, 1, true),
         step(0, 1, 7),
         step(1, 1, 7),
         step(0, 2, 8),
@@ -239,11 +250,14 @@ fn rows() -> Vec<Row> {
             history: trained_two_steps(),
             event: lost(1),
             state: Waiting,
-            effects: vec![cancel_gen(
-                1,
-                &[2],
-                "worker w-1 (rank 0, 127.0.0.1:9) was lost in generation 1",
-            )],
+            effects: vec![
+                cancel_gen(
+                    1,
+                    &[2],
+                    "worker w-1 (rank 0, 127.0.0.1:9) was lost in generation 1",
+                ),
+                Effect::WaitDeadline { token: 1 },
+            ],
         },
         Row {
             name: "generation bump: the same job continues in generation 2 from step 2",
@@ -261,6 +275,8 @@ fn rows() -> Vec<Row> {
                 &[
                     lost(1),
                     avail(&[2, 3]),
+                    resumed(0, 2, 8, false),
+                    resumed(1, 2, 8, false),
                     step(0, 3, 9),
                     step(1, 3, 9),
                     stored(3),
@@ -292,11 +308,14 @@ fn rows() -> Vec<Row> {
                 confirmed: true,
             },
             state: Waiting,
-            effects: vec![cancel_gen(
-                1,
-                &[1],
-                "worker w-2 (rank 1, 127.0.0.1:9) was lost in generation 1: rank 0 reports: no ring chunk within 20s",
-            )],
+            effects: vec![
+                cancel_gen(
+                    1,
+                    &[1],
+                    "worker w-2 (rank 1, 127.0.0.1:9) was lost in generation 1: rank 0 reports: no ring chunk within 20s",
+                ),
+                Effect::WaitDeadline { token: 1 },
+            ],
         },
         row(
             "a ring failure naming a lost peer fails the job (policy Fail)",
@@ -379,6 +398,8 @@ fn rows() -> Vec<Row> {
             "rank 0 finishing first, before rank 1's last step report, waits for it",
             vec![
                 avail(&[1, 2]),
+                resumed(0, 0, 1, true),
+                resumed(1, 0, 1, true),
                 step(0, 1, 7),
                 step(1, 1, 7),
                 step(0, 2, 8),
@@ -414,6 +435,8 @@ fn rows() -> Vec<Row> {
             "every rank finished but a step was never verified: failed",
             vec![
                 avail(&[1, 2]),
+                resumed(0, 0, 1, true),
+                resumed(1, 0, 1, true),
                 step(0, 1, 7),
                 step(1, 1, 7),
                 step(0, 2, 8),
@@ -537,4 +560,206 @@ fn replica_check_counts_agreement_and_reports_divergence() {
     assert_eq!(d.first, (0, 7));
     assert_eq!(d.other, (2, 8));
     assert!(d.to_string().contains("step 2"));
+}
+
+fn stopped(rank: u32, s: u64, hash: u64, leaving: bool) -> Event {
+    Event::Stopped {
+        rank: Rank(rank),
+        step: Step(s),
+        param_hash: hash,
+        leaving,
+    }
+}
+
+fn elastic(min: usize, max: usize) -> JobMachine {
+    JobMachine::with_config(MachineConfig {
+        min,
+        max,
+        max_restarts: 2,
+        ..MachineConfig::fixed(min)
+    })
+}
+
+fn kinds(m: &JobMachine) -> Vec<(StartKind, u64, u32)> {
+    m.events()
+        .iter()
+        .map(|e| (e.kind, e.step.0, e.workers))
+        .collect()
+}
+
+#[test]
+fn an_elastic_job_starts_with_its_minimum_and_drains_to_take_joiners() {
+    let mut m = elastic(2, 4);
+    assert_eq!(m.handle(avail(&[1])), vec![]);
+    assert_eq!(m.state(), JobState::Waiting);
+    let fx = m.handle(avail(&[1, 2]));
+    assert!(matches!(&fx[..], [Effect::SendAssignment { members, .. }] if members.len() == 2));
+    // Before the ranks agreed on their start, a joiner waits.
+    assert_eq!(m.handle(avail(&[3])), vec![]);
+    m.handle(resumed(0, 0, 1, true));
+    m.handle(resumed(1, 0, 1, true));
+    m.handle(step(0, 1, 7));
+    m.handle(step(1, 1, 7));
+    let fx = m.handle(avail(&[3, 4]));
+    assert_eq!(
+        fx,
+        vec![Effect::DrainGeneration {
+            generation: Generation(1),
+            workers: vec![w(1), w(2)],
+            reason: "workers w-3, w-4 joined".into(),
+        }]
+    );
+    // A second offer while draining does nothing.
+    assert_eq!(m.handle(avail(&[3, 4])), vec![]);
+    m.handle(stopped(0, 2, 8, false));
+    assert_eq!(m.state(), JobState::Running);
+    let fx = m.handle(stopped(1, 2, 8, false));
+    assert_eq!(
+        fx,
+        vec![
+            Effect::Release {
+                workers: vec![w(1), w(2)]
+            },
+            Effect::WaitDeadline { token: 1 }
+        ]
+    );
+    assert_eq!(m.state(), JobState::Waiting);
+    // The survivors come first, in their old rank order, whatever order they are offered in.
+    let fx = m.handle(avail(&[4, 2, 3, 1]));
+    assert_eq!(
+        fx,
+        vec![Effect::SendAssignment {
+            generation: Generation(2),
+            members: vec![w(1), w(2), w(4), w(3)],
+            resume_from: Step(2),
+            state_floor: Generation(1),
+            checkpoint: None,
+        }]
+    );
+    assert_eq!(
+        kinds(&m),
+        [(StartKind::Start, 0, 2), (StartKind::Joined, 2, 4)]
+    );
+    assert_eq!(m.verified_steps(), 1);
+}
+
+#[test]
+fn a_leaving_member_is_not_taken_again_and_its_detach_is_no_loss() {
+    let mut m = elastic(2, 3);
+    m.handle(avail(&[1, 2, 3]));
+    for r in 0..3 {
+        m.handle(resumed(r, 0, 1, true));
+    }
+    for r in 0..3 {
+        m.handle(step(r, 1, 7));
+    }
+    m.handle(stopped(1, 1, 7, true));
+    // The leaving worker's detach arrives before the others' stop reports.
+    assert_eq!(m.handle(lost(2)), vec![]);
+    m.handle(stopped(0, 1, 7, false));
+    m.handle(stopped(2, 1, 7, false));
+    assert_eq!(m.state(), JobState::Waiting);
+    let fx = m.handle(avail(&[1, 2, 3]));
+    assert!(
+        matches!(&fx[..], [Effect::SendAssignment { members, resume_from: Step(1), .. }] if *members == vec![w(1), w(3)])
+    );
+    assert_eq!(m.events()[1].reason, "worker w-2 (rank 1) left");
+    assert_eq!(m.events()[1].kind, StartKind::Left);
+    // No step goes backwards: the job continues from the step every rank stopped after.
+    assert_eq!(m.events()[1].step, Step(1));
+}
+
+#[test]
+fn verified_steps_count_a_redone_step_once() {
+    let mut m = elastic(2, 2);
+    m.handle(avail(&[1, 2]));
+    m.handle(resumed(0, 0, 1, true));
+    m.handle(resumed(1, 0, 1, true));
+    for s in 1..=3 {
+        m.handle(step(0, s, s));
+        m.handle(step(1, s, s));
+    }
+    // Rank 0 reported step 4, then rank 1 died mid-way.
+    m.handle(step(0, 4, 4));
+    m.handle(lost(2));
+    assert_eq!(m.verified_steps(), 3);
+    m.handle(avail(&[1, 3]));
+    // The survivor held step 4; the new generation starts there and the step counts once.
+    m.handle(resumed(0, 4, 4, false));
+    m.handle(resumed(1, 4, 4, false));
+    assert_eq!(m.verified_steps(), 4);
+    m.handle(step(0, 5, 5));
+    m.handle(step(1, 5, 5));
+    assert_eq!(m.verified_steps(), 5);
+    // Falling back to an older checkpoint never lowers the count.
+    m.handle(lost(3));
+    m.handle(avail(&[1, 4]));
+    m.handle(resumed(0, 2, 2, true));
+    m.handle(resumed(1, 2, 2, true));
+    assert_eq!(m.verified_steps(), 5);
+    m.handle(step(0, 3, 3));
+    m.handle(step(1, 3, 3));
+    assert_eq!(m.verified_steps(), 5);
+    // A fresh start raises the floor: state kept from before generation 3 no longer counts.
+    assert_eq!(m.snapshot().state_floor, Generation(3));
+}
+
+#[test]
+fn a_job_below_its_minimum_fails_after_the_wait_naming_every_lost_worker() {
+    let mut m = elastic(2, 2);
+    m.handle(avail(&[1, 2]));
+    m.handle(lost(2));
+    assert_eq!(m.state(), JobState::Waiting);
+    // An old deadline does nothing.
+    assert_eq!(m.handle(Event::WaitExpired { token: 0 }), vec![]);
+    let fx = m.handle(Event::WaitExpired { token: 1 });
+    assert_eq!(
+        fx,
+        vec![failed(
+            "fewer than 2 workers for max_wait_secs after generation 1; lost workers: worker w-2 (rank 1) in generation 1"
+        )]
+    );
+}
+
+#[test]
+fn max_restarts_ends_a_job_that_keeps_losing_workers() {
+    let mut m = elastic(2, 2);
+    m.handle(avail(&[1, 2]));
+    m.handle(lost(2));
+    m.handle(avail(&[1, 3]));
+    m.handle(lost(3));
+    m.handle(avail(&[1, 4]));
+    m.handle(lost(4));
+    assert_eq!(m.state(), JobState::Waiting);
+    let fx = m.handle(avail(&[1, 5]));
+    assert_eq!(
+        fx,
+        vec![failed("the job lost workers more often than max_restarts = 2 allows: worker w-2 (rank 1) in generation 1; worker w-3 (rank 1) in generation 2; worker w-4 (rank 1) in generation 3")]
+    );
+}
+
+#[test]
+fn a_restored_job_waits_and_restarts_from_its_snapshot() {
+    let mut m = elastic(2, 2);
+    m.handle(avail(&[1, 2]));
+    m.handle(resumed(0, 0, 1, true));
+    m.handle(resumed(1, 0, 1, true));
+    m.handle(step(0, 1, 1));
+    m.handle(step(1, 1, 1));
+    let snap = m.snapshot();
+    let mut r = JobMachine::restore(MachineConfig::fixed(2), snap);
+    assert_eq!(r.state(), JobState::Waiting);
+    let fx = r.handle(avail(&[7, 8]));
+    assert!(matches!(
+        &fx[..],
+        [Effect::SendAssignment {
+            generation: Generation(2),
+            resume_from: Step(1),
+            ..
+        }]
+    ));
+    assert_eq!(
+        r.events().last().map(|e| e.kind),
+        Some(StartKind::Restarted)
+    );
 }

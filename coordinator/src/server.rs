@@ -423,22 +423,22 @@ mod tests {
         }
         freeze.cancel();
         let started = tokio::time::Instant::now();
-        let failed = loop {
+        // Noticed: the job lost its only worker and waits for another.
+        loop {
             let s = jobs
                 .get(JobRequest { job_id: id.clone() })
                 .await
                 .unwrap()
                 .into_inner();
-            if s.state == "failed" {
-                break s;
+            if s.state == "waiting" {
+                break;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(15),
                 "the partitioned worker was never noticed: {s:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert!(failed.error.contains("was lost"), "{}", failed.error);
+        }
         stop.cancel();
         let _ = server.await;
     }

@@ -487,14 +487,13 @@ mod tests {
             seed = 3
             epochs = 2
             batch_size = 8
-            [data.train]
-            synthetic = { samples = 64, features = 4, classes = 3 }
+            [data]
+            train = { format = "synthetic", samples = 64, features = 4, classes = 3 }
             [model]
             input = 4
-            layers = [{ units = 5, activation = "relu" }, { units = 3, activation = "softmax" }]
+            layers = [{ dense = 5, activation = "relu" }, { dense = 3, activation = "softmax" }]
             [train]
             loss = "sparse_categorical_crossentropy"
-            optimizer = { adam = { learning_rate = 0.01 } }
             metrics = ["accuracy"]
         "#;
         let file = ringtrain_core::job_file::JobFile::parse(toml, "t.toml").unwrap();

@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::Stream;
 use ringtrain_proto::v1::worker_control_server::{WorkerControl, WorkerControlServer};
 use ringtrain_proto::v1::{
-    control_message, AttachRequest, CheckpointAck, CheckpointPart, ControlMessage, Registered,
-    ReportAck, ShardChunk, ShardRequest, WorkerReport,
+    control_message, AttachRequest, CheckpointAck, CheckpointPart, CheckpointRequest,
+    ControlMessage, Registered, ReportAck, ShardChunk, ShardRequest, WorkerReport,
 };
 use ringtrain_worker::agent;
 use ringtrain_worker::config::WorkerConfig;
@@ -47,6 +47,14 @@ impl WorkerControl for OtherRelease {
     }
 
     type FetchShardStream = Boxed<ShardChunk>;
+    type FetchCheckpointStream = Boxed<CheckpointPart>;
+
+    async fn fetch_checkpoint(
+        &self,
+        _request: Request<CheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 
     async fn fetch_shard(
         &self,

@@ -44,6 +44,19 @@ async fn running_job() -> (
         core.register("b:1".into(), "b".into(), String::new(), String::new()),
     ];
     assert_eq!(core.get(&id.0).unwrap().state, "running");
+    for (rank, w) in ["w-1", "w-2"].into_iter().enumerate() {
+        core.report(report(
+            &id.0,
+            rank as u32,
+            w,
+            worker_report::Kind::Resumed(ringtrain_proto::v1::Resumed {
+                step: 0,
+                param_hash: 1,
+                source: "init".into(),
+            }),
+        ))
+        .await;
+    }
     (core, id.0, streams, dir)
 }
 
@@ -156,16 +169,41 @@ async fn a_worker_of_another_protocol_version_is_refused_naming_both() {
 }
 
 #[tokio::test]
-async fn a_lost_worker_fails_its_job_naming_it() {
-    let (core, id, _streams, _dir) = running_job().await;
+async fn a_lost_worker_sends_the_job_back_to_waiting_and_a_newcomer_starts_generation_2() {
+    let (core, id, mut streams, _dir) = running_job().await;
     core.detach(&WorkerId("w-2".into()));
     let s = core.get(&id).unwrap();
-    assert_eq!(s.state, "failed");
-    assert!(
-        s.error.contains("worker w-2 (rank 1") && s.error.contains("generation 1"),
-        "{}",
-        s.error
+    assert_eq!(s.state, "waiting", "{}", s.error);
+    // The survivor was told to stop generation 1.
+    let (msgs, _) = drain(&mut streams[0]);
+    assert!(msgs.iter().any(|m| matches!(
+        &m.kind,
+        Some(control_message::Kind::Cancel(c)) if c.generation == 1
+    )));
+    let _c = core.register("c:1".into(), "c".into(), String::new(), String::new());
+    let s = core.get(&id).unwrap();
+    assert_eq!(s.state, "running");
+    assert_eq!(s.generation, 2);
+    // The survivor keeps rank 0; the newcomer takes rank 1.
+    assert_eq!(s.worker_ids, ["w-1", "w-3"]);
+    assert_eq!(s.workers, 2);
+    let kinds: Vec<(&str, &str)> = s
+        .events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("start", "job started"),
+            ("lost", "worker w-2 (rank 1) lost")
+        ]
     );
+    let (msgs, _) = drain(&mut streams[0]);
+    assert!(msgs.iter().any(|m| matches!(
+        &m.kind,
+        Some(control_message::Kind::Assignment(a)) if a.generation == 2 && a.rank == 0 && a.state_floor == 1
+    )));
 }
 
 #[tokio::test]
@@ -226,8 +264,15 @@ async fn a_worker_whose_control_stream_is_full_is_dropped_not_skipped() {
         core.settle(&mut st);
     }
     let s = core.get(&id).unwrap();
-    assert_eq!(s.state, "failed");
-    assert!(s.error.contains("worker w-2 (rank 1"), "{}", s.error);
+    assert_eq!(s.state, "waiting");
+    assert_eq!(
+        core.lock()
+            .jobs
+            .values()
+            .next()
+            .map(|j| j.machine.snapshot().lost),
+        Some(vec!["worker w-2 (rank 1) in generation 1".to_string()])
+    );
     assert_eq!(core.worker_count(), 1);
     // Its attach stream ends, so the worker notices and reattaches.
     let (_, ended) = drain(&mut streams[1]);
