@@ -143,6 +143,26 @@ pub fn status_json(s: &JobStatus) -> Value {
     if !s.error.is_empty() {
         v["error"] = json!(s.error);
     }
+    if s.workers_min != s.workers_max {
+        v["workers_min"] = json!(s.workers_min);
+        v["workers_max"] = json!(s.workers_max);
+    }
+    v["events"] = s
+        .events
+        .iter()
+        .map(|e| {
+            json!({
+                "generation": e.generation,
+                "kind": e.kind,
+                "reason": e.reason,
+                "step": e.step,
+                "workers": e.workers,
+            })
+        })
+        .collect();
+    if !s.stalled.is_empty() {
+        v["stalled"] = json!(s.stalled);
+    }
     v
 }
 
