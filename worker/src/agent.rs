@@ -177,7 +177,13 @@ pub async fn run(
         let mut worker_id = String::new();
         loop {
             let msg = tokio::select! {
-                _ = shutdown.cancelled() => break 'connect,
+                _ = shutdown.cancelled() => {
+                    // Leave while still attached: the coordinator must hear this
+                    // worker's stop report before its attach stream closes, or it would
+                    // count the worker as lost rather than gone.
+                    leave_job(&mut running, &mut held).await;
+                    break 'connect;
+                }
                 m = stream.message() => m,
             };
             let kind = match msg {
