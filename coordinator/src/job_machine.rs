@@ -486,6 +486,9 @@ impl JobMachine {
             JobState::Submitted => JobState::Submitted,
             _ => JobState::Waiting,
         };
+        if m.state == JobState::Waiting {
+            m.wait_token = 1;
+        }
         if m.generation.0 > 0 {
             m.next_kind = StartKind::Restarted;
             m.next_reason = "the coordinator restarted".into();
@@ -556,6 +559,11 @@ impl JobMachine {
     /// Why the job failed, once it has.
     pub fn error(&self) -> Option<&str> {
         self.error.as_deref()
+    }
+
+    /// The token of the current wait (see [`Effect::WaitDeadline`]).
+    pub fn wait_token(&self) -> u64 {
+        self.wait_token
     }
 
     /// Whether a drain is in progress.

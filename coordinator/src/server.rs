@@ -184,6 +184,11 @@ pub async fn run(
         None => Arc::new(MemoryStore::new()),
     };
     let id = coordinator_id(&listener);
+    // The coordinator writes through the very store it campaigns in.
+    let config = ServerConfig {
+        store: Some(store.clone()),
+        ..config
+    };
     let core = Coordinator::new(config);
     let gate = Gate::standby();
     let serving = shutdown.child_token();

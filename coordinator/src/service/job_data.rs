@@ -16,6 +16,18 @@ pub struct JobData {
     pub(super) normalization: Normalization,
 }
 
+impl JobData {
+    /// No data: a finished job restored from the store only shows its status.
+    pub(super) fn empty() -> Self {
+        JobData {
+            train: Dataset::default(),
+            validation: Dataset::default(),
+            test: None,
+            normalization: Normalization::fit(Default::default(), &[], 0),
+        }
+    }
+}
+
 /// Loads a job's datasets, checks them against the model and normalizes them with
 /// statistics of the training split.
 pub(super) fn load_data(file: &JobFile, source: &str) -> Result<JobData, CoordinatorError> {

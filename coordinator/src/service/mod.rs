@@ -79,6 +79,11 @@ struct WorkerEntry {
 #[derive(Debug)]
 struct JobEntry {
     id: JobId,
+    /// The request as it took effect (a resume's filled in from its run directory):
+    /// what a restarted coordinator rebuilds the job from.
+    request: SubmitRequest,
+    /// What was last written to the store (verified steps aside), to write on change.
+    persisted: Option<crate::job_machine::MachineSnapshot>,
     file: JobFile,
     spec_hash: String,
     plan: TrainingPlan,
@@ -150,6 +155,17 @@ fn parse_num(id: &str, prefix: &str) -> Option<u64> {
     id.strip_prefix(prefix)?.parse().ok()
 }
 
+/// A job file parsed, validated and loaded.
+struct Prepared {
+    source: String,
+    base: PathBuf,
+    file: JobFile,
+    data: JobData,
+    spec_hash: String,
+    plan: TrainingPlan,
+    plan_json: String,
+}
+
 /// What an assignment says besides the members.
 struct GenerationStart {
     generation: Generation,
@@ -166,6 +182,10 @@ pub struct Coordinator {
     epoch_tag: String,
     state: Mutex<State>,
     tasks: TaskTracker,
+    /// Where jobs, checkpoint indexes and worker leases are kept (memory or etcd).
+    store: Arc<dyn crate::store::Store>,
+    /// The store writer's queue (none outside a runtime: nothing is persisted then).
+    store_tx: Option<mpsc::Sender<restore::StoreOp>>,
     /// This coordinator, for tasks it spawns from `&self` methods.
     me: std::sync::Weak<Coordinator>,
 }
@@ -179,11 +199,23 @@ impl Coordinator {
                 // No OS entropy: the process id still keeps two live coordinators apart.
                 std::process::id() as u16
             });
+        let store: Arc<dyn crate::store::Store> = match &config.store {
+            Some(s) => s.clone(),
+            None => Arc::new(crate::store::MemoryStore::new()),
+        };
+        let tasks = TaskTracker::new();
+        let store_tx = tokio::runtime::Handle::try_current().ok().map(|_| {
+            let (tx, rx) = mpsc::channel(restore::STORE_QUEUE);
+            tasks.spawn(restore::write_loop(store.clone(), rx));
+            tx
+        });
         Arc::new_cyclic(|me| Coordinator {
             config,
             epoch_tag: format!("{tag:04x}"),
             state: Mutex::new(State::default()),
-            tasks: TaskTracker::new(),
+            tasks,
+            store,
+            store_tx,
             me: me.clone(),
         })
     }
@@ -314,6 +346,7 @@ impl Coordinator {
         if let Some(job) = st.jobs.get(&n) {
             publish(job);
         }
+        self.persist_job(st, n);
         deferred
     }
 
@@ -454,6 +487,73 @@ impl Coordinator {
 
     // ------------------------------------------------------------------ jobs
 
+    /// Parses and validates a job file and (with `load`) loads its data: everything a
+    /// job entry needs besides its id and run directory. A finished job restored from
+    /// the store needs no data.
+    async fn prepare(&self, req: &SubmitRequest, load: bool) -> Result<Prepared, CoordinatorError> {
+        let source = if req.source.is_empty() {
+            "job".to_string()
+        } else {
+            req.source.clone()
+        };
+        let base = PathBuf::from(if req.base_dir.is_empty() {
+            "."
+        } else {
+            &req.base_dir
+        });
+        let mut file = JobFile::parse(&req.spec_toml, &source)?;
+        if req.workers > 0 {
+            file.workers = crate::job_file::Workers::Exactly(req.workers);
+        }
+        if load {
+            file.validate(&source, &base)?;
+            file.check_fits(&source, self.config.max_model_bytes)?;
+        }
+        let file = file.resolved(&base);
+        let data = if load {
+            let f = file.clone();
+            let src = source.clone();
+            tokio::task::spawn_blocking(move || load_data(&f, &src))
+                .await
+                .map_err(|e| CoordinatorError::Transport(e.to_string()))??
+        } else {
+            JobData::empty()
+        };
+        let spec_hash = {
+            let canon = serde_json::to_vec(&file)
+                .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
+            Sha256::digest(&canon)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let plan = file.training_plan(PlanData {
+            train_samples: data.train.rows(),
+            validation_samples: data.validation.rows(),
+            test_samples: data.test.as_ref().map(|t| t.rows()).unwrap_or(0),
+            features: data.train.features,
+            collective_timeout_ms: self.config.collective_timeout.as_millis() as u64,
+            target_center: if file.train.loss.is_classification() {
+                0.0
+            } else {
+                data.train.y.iter().map(|&v| v as f64).sum::<f64>()
+                    / data.train.rows().max(1) as f64
+            },
+            max_steps: (req.max_steps > 0).then_some(req.max_steps),
+        });
+        let plan_json = serde_json::to_string(&plan)
+            .map_err(|e| CoordinatorError::Serialize(format!("the training plan: {e}")))?;
+        Ok(Prepared {
+            source,
+            base,
+            file,
+            data,
+            spec_hash,
+            plan,
+            plan_json,
+        })
+    }
+
     /// Parses, validates and loads a job, then queues it. With `resume_dir`, the job
     /// continues the run in that directory from its newest checkpoint that verifies.
     pub async fn submit(self: &Arc<Self>, req: SubmitRequest) -> Result<JobId, CoordinatorError> {
@@ -482,54 +582,15 @@ impl Coordinator {
             },
             None => req,
         };
-        let source = if req.source.is_empty() {
-            "job".to_string()
-        } else {
-            req.source.clone()
-        };
-        let base = PathBuf::from(if req.base_dir.is_empty() {
-            "."
-        } else {
-            &req.base_dir
-        });
-        let mut file = JobFile::parse(&req.spec_toml, &source)?;
-        if req.workers > 0 {
-            file.workers = crate::job_file::Workers::Exactly(req.workers);
-        }
-        file.validate(&source, &base)?;
-        file.check_fits(&source, self.config.max_model_bytes)?;
-        let file = file.resolved(&base);
-        let data = {
-            let f = file.clone();
-            let src = source.clone();
-            tokio::task::spawn_blocking(move || load_data(&f, &src))
-                .await
-                .map_err(|e| CoordinatorError::Transport(e.to_string()))??
-        };
-        let spec_hash = {
-            let canon = serde_json::to_vec(&file)
-                .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
-            Sha256::digest(&canon)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        };
-        let plan = file.training_plan(PlanData {
-            train_samples: data.train.rows(),
-            validation_samples: data.validation.rows(),
-            test_samples: data.test.as_ref().map(|t| t.rows()).unwrap_or(0),
-            features: data.train.features,
-            collective_timeout_ms: self.config.collective_timeout.as_millis() as u64,
-            target_center: if file.train.loss.is_classification() {
-                0.0
-            } else {
-                data.train.y.iter().map(|&v| v as f64).sum::<f64>()
-                    / data.train.rows().max(1) as f64
-            },
-            max_steps: (req.max_steps > 0).then_some(req.max_steps),
-        });
-        let plan_json = serde_json::to_string(&plan)
-            .map_err(|e| CoordinatorError::Serialize(format!("the training plan: {e}")))?;
+        let Prepared {
+            source,
+            base,
+            file,
+            data,
+            spec_hash,
+            plan,
+            plan_json,
+        } = self.prepare(&req, true).await?;
         let n = {
             let mut st = self.lock();
             st.next_job += 1;
@@ -603,6 +664,12 @@ impl Coordinator {
         };
         let entry = JobEntry {
             id: id.clone(),
+            request: SubmitRequest {
+                out_dir: out_dir.display().to_string(),
+                resume_dir: String::new(),
+                ..req.clone()
+            },
+            persisted: None,
             machine: JobMachine::with_config(MachineConfig {
                 min: file.workers.min() as usize,
                 max: file.workers.max() as usize,
@@ -622,6 +689,7 @@ impl Coordinator {
             store,
         };
         st.jobs.insert(n, entry);
+        self.persist_job(&mut st, n);
         self.settle(&mut st);
         Ok(id)
     }
@@ -705,6 +773,10 @@ impl Coordinator {
         let n = st.next_worker;
         let id = WorkerId(format!("w-{n}"));
         info!(worker = %id, addr = %addr, name = %name, "worker attached");
+        self.store_write(restore::StoreOp::PutWorker {
+            id: id.0.clone(),
+            json: serde_json::json!({ "addr": addr, "name": name }).to_string(),
+        });
         let watcher = tx.clone();
         st.workers.insert(
             n,
@@ -758,6 +830,7 @@ impl Coordinator {
         };
         // Ends the attach stream, if it is still open (an unreachable worker).
         w.kick.cancel();
+        self.store_write(restore::StoreOp::DropWorker { id: id.0.clone() });
         match w.job {
             None => info!(worker = %id, addr = %w.addr, name = %w.name, "worker detached"),
             Some(job_id) => {

@@ -190,6 +190,7 @@ impl Coordinator {
             )));
         }
         let (final_, step) = (meta.final_, meta.step);
+        let (job_id, generation) = (meta.job_id.clone(), meta.generation);
         let span = info_span!("checkpoint", job = %meta.job_id, step, final_);
         // Decoding, hashing and fsyncs all run on a blocking thread, never the runtime's.
         let written = tokio::task::spawn_blocking(move || {
@@ -223,7 +224,8 @@ impl Coordinator {
         .and_then(|r| r);
         let mut st = self.lock();
         match &written {
-            Ok(_) => {
+            Ok(path) => {
+                self.persist_checkpoint(&job_id, step, generation, final_, path);
                 self.apply(
                     &mut st,
                     n,
