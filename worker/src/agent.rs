@@ -120,8 +120,18 @@ pub async fn run(
     let mut held: Option<HeldState> = None;
     let mut backoff = Duration::from_millis(100);
     let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut attempt = 0usize;
     'connect: while !shutdown.is_cancelled() {
-        let channel = match dial(&config.coordinator, Duration::from_secs(5), &shutdown).await {
+        // A leader and its standbys: a refused or unreachable one moves on to the next.
+        let coordinators = config.coordinators();
+        let target = coordinators[attempt % coordinators.len()].clone();
+        attempt += 1;
+        let connect_within = if coordinators.len() > 1 {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
+        let channel = match dial(&target, connect_within, &shutdown).await {
             Ok(c) => c,
             Err(WorkerError::Cancelled) => break,
             Err(e) => {
@@ -137,7 +147,9 @@ pub async fn run(
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // Capped low: a restarted coordinator should see its workers back within
+                // about a second of serving again.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
@@ -164,7 +176,7 @@ pub async fn run(
                 return Err(WorkerError::Refused(status.message().to_string()));
             }
             Err(status) => {
-                warn!(%status, "attach refused; retrying");
+                warn!(%status, coordinator = %target, "attach refused; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}

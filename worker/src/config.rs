@@ -5,7 +5,9 @@ use std::time::Duration;
 /// How a worker process runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The coordinator's URL, e.g. `http://127.0.0.1:7070`.
+    /// The coordinator's URL, e.g. `http://127.0.0.1:7070`, or several separated by
+    /// commas (a leader and its standbys): the worker tries them in turn until one
+    /// accepts it.
     pub coordinator: String,
     /// Address ring neighbours dial (defaults to the bound listen address).
     pub advertise: Option<String>,
@@ -16,6 +18,23 @@ pub struct WorkerConfig {
     pub reconnect_limit: Option<Duration>,
     /// Offer a same-host Unix socket for ring data (Linux); off keeps every link on TCP.
     pub local_socket: bool,
+}
+
+impl WorkerConfig {
+    /// The coordinator URLs to try, in order.
+    pub fn coordinators(&self) -> Vec<String> {
+        let list: Vec<String> = self
+            .coordinator
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if list.is_empty() {
+            vec![self.coordinator.clone()]
+        } else {
+            list
+        }
+    }
 }
 
 /// Compute threads of one worker: `RAYON_NUM_THREADS` when set (the variable candle and

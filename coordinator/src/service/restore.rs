@@ -239,7 +239,12 @@ impl Coordinator {
         } = self.prepare(&req, live).await?;
         let status = unhex(&record.status)
             .and_then(|b| JobStatus::decode(b.as_slice()).ok())
-            .ok_or_else(|| CoordinatorError::Serialize(format!("job {}: its stored status does not decode", record.id)))?;
+            .ok_or_else(|| {
+                CoordinatorError::Serialize(format!(
+                    "job {}: its stored status does not decode",
+                    record.id
+                ))
+            })?;
         let machine = JobMachine::restore(
             MachineConfig {
                 min: file.workers.min() as usize,
