@@ -327,6 +327,11 @@ pub enum Effect {
         /// Whether it is the end-of-training checkpoint.
         final_: bool,
     },
+    /// Detach this worker (its attach stream ends; a live one reattaches afresh).
+    Expel {
+        /// The worker.
+        worker: WorkerId,
+    },
     /// Feed this event again after a grace period (an unconfirmed loss report).
     ConfirmLater {
         /// The event, marked confirmed.
@@ -834,6 +839,12 @@ impl JobMachine {
                         generation: self.generation,
                         workers: survivors,
                         reason: message,
+                    },
+                    // One that is only stalled (frozen, partitioned) must not be handed
+                    // the next generation: it is detached, and comes back as a new
+                    // worker once it is alive again.
+                    Effect::Expel {
+                        worker: lost.clone(),
                     },
                     Effect::WaitDeadline {
                         token: self.wait_token,

@@ -376,6 +376,7 @@ fn start_job(
             cancel: token,
             drain: job_drain,
             leaving: job_leaving,
+            stall_reports: None,
         };
         // The outcome is logged and reported to the coordinator inside.
         let (_, state) = run_blocking(ctx, held);

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use ringtrain_proto::v1::{
     checkpoint_part, worker_control_client::WorkerControlClient, worker_report, Assignment,
     CheckpointData, CheckpointHeader, CheckpointPart, EpochReport, EpochSummary, Failure, Finished,
-    Resumed, ShardRequest, Split, StepReport, Stopped, WorkerReport,
+    Resumed, ShardRequest, Split, StepReport, Stopped, Waiting, WorkerReport,
 };
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -62,6 +62,9 @@ pub struct JobContext {
     pub drain: Arc<AtomicBool>,
     /// This worker is leaving the cluster (SIGTERM): its stop report says so.
     pub leaving: Arc<AtomicBool>,
+    /// The report stream, for a report sent from inside a collective (set by
+    /// [`run_blocking`]).
+    pub stall_reports: Option<mpsc::Sender<WorkerReport>>,
 }
 
 /// How a generation ended on this rank.
@@ -88,13 +91,14 @@ struct Shard {
 /// generation). Failures are also reported to the coordinator (with the lost peer's
 /// rank when that was the cause).
 pub fn run_blocking(
-    ctx: JobContext,
+    mut ctx: JobContext,
     held: Option<HeldState>,
 ) -> (Result<Outcome, WorkerError>, Option<HeldState>) {
     let a = &ctx.assignment;
     let span = info_span!("job", job = %a.job_id, generation = a.generation, rank = a.rank);
     let _enter = span.enter();
     let (tx, rx) = mpsc::channel(REPORT_CAPACITY);
+    ctx.stall_reports = Some(tx.clone());
     let mut control = ctx.control.clone();
     let reporter = ctx
         .handle
@@ -119,6 +123,8 @@ pub fn run_blocking(
         }
     }
     drop(reports);
+    // The last sender: the stream ends (and flushes) only once every sender is gone.
+    ctx.stall_reports = None;
     // Flush the report stream (bounded: a vanished coordinator must not hold us here).
     match ctx
         .handle
@@ -279,9 +285,49 @@ struct BlockingRing<'a> {
     ring: &'a mut Ring,
 }
 
+/// Runs a step's collective; when it has waited a quarter of the deadline (at least a
+/// second), tells the coordinator, which names the ranks that have not joined yet while
+/// there is still time before the deadline fires.
+fn block_on_watched<T>(
+    ctx: &JobContext,
+    step: u64,
+    fut: impl std::future::Future<Output = Result<T, WorkerError>>,
+) -> Result<T, WorkerError> {
+    let slow =
+        (Duration::from_millis(ctx.plan.collective_timeout_ms) / 4).max(Duration::from_secs(1));
+    let started = Instant::now();
+    ctx.handle.block_on(async {
+        tokio::pin!(fut);
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return Err(WorkerError::Cancelled),
+            r = &mut fut => return r,
+            _ = tokio::time::sleep(slow) => {}
+        }
+        let waited = started.elapsed().as_secs_f64();
+        warn!(step, waited, "waiting in the step's all-reduce");
+        if let Some(tx) = &ctx.stall_reports {
+            let a = &ctx.assignment;
+            let _ = tx.try_send(WorkerReport {
+                job_id: a.job_id.clone(),
+                generation: a.generation,
+                rank: a.rank,
+                worker_id: ctx.worker_id.clone(),
+                kind: Some(worker_report::Kind::Waiting(Waiting {
+                    step,
+                    seconds: waited,
+                })),
+            });
+        }
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => Err(WorkerError::Cancelled),
+            r = fut => r,
+        }
+    })
+}
+
 impl Collective for BlockingRing<'_> {
     fn sum_f32(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
-        block_on(self.ctx, self.ring.all_reduce(buf, step))
+        block_on_watched(self.ctx, step, self.ring.all_reduce(buf, step))
     }
 
     fn sum_u64(&mut self, buf: &mut [u64], step: u64) -> Result<(), WorkerError> {

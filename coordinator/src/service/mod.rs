@@ -84,6 +84,9 @@ struct JobEntry {
     request: SubmitRequest,
     /// What was last written to the store (verified steps aside), to write on change.
     persisted: Option<crate::job_machine::MachineSnapshot>,
+    /// Ranks of the running generation waiting in a step's all-reduce: (generation,
+    /// rank) -> (step, seconds waited).
+    waiting: BTreeMap<(u64, u32), (u64, f64)>,
     file: JobFile,
     spec_hash: String,
     plan: TrainingPlan,
@@ -287,6 +290,12 @@ impl Coordinator {
                         );
                     }
                 }
+                Effect::Expel { worker } => {
+                    if st.worker(&worker).is_some() {
+                        warn!(worker = %worker, "detaching a worker its job lost; it may attach again");
+                        st.unreachable.push(worker);
+                    }
+                }
                 Effect::WaitDeadline { token } => {
                     let wait = st
                         .jobs
@@ -340,7 +349,12 @@ impl Coordinator {
                     }
                 }
                 e @ Effect::WriteCheckpoint { .. } => deferred.push(e),
-                Effect::ConfirmLater { event } => self.later(n, SUSPECT_GRACE, *event),
+                Effect::ConfirmLater { event } => {
+                    // A report about this generation: by the time it is looked at again,
+                    // a newer generation must not be blamed for it.
+                    let g = st.jobs.get(&n).map(|j| j.machine.generation());
+                    self.later_in(n, SUSPECT_GRACE, *event, g)
+                }
             }
         }
         if let Some(job) = st.jobs.get(&n) {
@@ -352,12 +366,28 @@ impl Coordinator {
 
     /// Feeds `event` to job `n` after `wait`, from a tracked task.
     fn later(&self, n: u64, wait: std::time::Duration, event: Event) {
+        self.later_in(n, wait, event, None)
+    }
+
+    /// [`Coordinator::later`], dropped when the job has moved past `generation` by then.
+    fn later_in(
+        &self,
+        n: u64,
+        wait: std::time::Duration,
+        event: Event,
+        generation: Option<Generation>,
+    ) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
         self.tasks.spawn(async move {
             tokio::time::sleep(wait).await;
             let mut st = me.lock();
+            if let Some(g) = generation {
+                if st.jobs.get(&n).map(|j| j.machine.generation()) != Some(g) {
+                    return;
+                }
+            }
             me.apply(&mut st, n, event);
             me.settle(&mut st);
         });
@@ -670,6 +700,7 @@ impl Coordinator {
                 ..req.clone()
             },
             persisted: None,
+            waiting: BTreeMap::new(),
             machine: JobMachine::with_config(MachineConfig {
                 min: file.workers.min() as usize,
                 max: file.workers.max() as usize,

@@ -9,7 +9,7 @@ use ringtrain_proto::v1::{
     CheckpointRequest, EpochSummary, Finished, Metrics, ShardChunk, ShardRequest, Split,
     StepReport, WorkerReport,
 };
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 
 use super::outputs::{append_metrics, write_model, ModelInfo};
 use super::{Coordinator, JobEntry};
@@ -36,9 +36,13 @@ impl Coordinator {
             let rank = Rank(r.rank);
             let line = match r.kind {
                 Some(worker_report::Kind::Step(s)) => {
-                    if let Some(job) = st.jobs.get(&n) {
+                    if let Some(job) = st.jobs.get_mut(&n) {
                         if rank.0 == 0 && s.step > 0 {
                             show_step(job, &s);
+                        }
+                        if !job.waiting.is_empty() {
+                            job.waiting.retain(|_, (w, _)| *w > s.step);
+                            show_stall(job);
                         }
                     }
                     self.apply(
@@ -60,7 +64,20 @@ impl Coordinator {
                     _ => None,
                 },
                 Some(worker_report::Kind::Failure(f)) => {
-                    let lost_rank = f.lost_rank.map(Rank);
+                    let mut lost_rank = f.lost_rank.map(Rank);
+                    // A rank that was itself waiting in the stalled all-reduce was there,
+                    // alive: when exactly one rank never joined it, that one is to blame.
+                    if let (Some(lr), Some(job)) = (lost_rank, st.jobs.get(&n)) {
+                        let g = job.machine.generation().0;
+                        if job.waiting.contains_key(&(g, lr.0)) {
+                            let late: Vec<u32> = (0..job.machine.members().len() as u32)
+                                .filter(|r| !job.waiting.contains_key(&(g, *r)))
+                                .collect();
+                            if let [only] = late[..] {
+                                lost_rank = Some(Rank(only));
+                            }
+                        }
+                    }
                     let lost_worker = lost_rank.and_then(|lr| {
                         let job = st.jobs.get(&n)?;
                         let w = job.machine.members().get(lr.index())?.clone();
@@ -105,6 +122,15 @@ impl Coordinator {
                         fresh: r.source != "peer",
                     };
                     self.apply(&mut st, n, event);
+                    None
+                }
+                Some(worker_report::Kind::Waiting(w)) => {
+                    if let Some(job) = st.jobs.get_mut(&n) {
+                        let g = job.machine.generation().0;
+                        job.waiting.retain(|(jg, _), _| *jg == g);
+                        job.waiting.insert((g, rank.0), (w.step, w.seconds));
+                        show_stall(job);
+                    }
                     None
                 }
                 Some(worker_report::Kind::Stopped(s)) => {
@@ -478,6 +504,67 @@ fn checkpoint_to_parts(c: &Checkpoint) -> Vec<CheckpointPart> {
         }
     }
     parts
+}
+
+/// Names the late ranks while some ranks wait in a step's all-reduce: those of the
+/// generation that have not reported waiting for that step have not joined it (stopped,
+/// slow, or cut off). Shown in the status and logged, before the deadline fires.
+fn show_stall(job: &JobEntry) {
+    let g = job.machine.generation().0;
+    let Some(step) = job
+        .waiting
+        .iter()
+        .filter(|((jg, _), _)| *jg == g)
+        .map(|(_, (s, _))| *s)
+        .max()
+    else {
+        job.status.send_if_modified(|st| {
+            let had = !st.stalled.is_empty();
+            st.stalled.clear();
+            had
+        });
+        return;
+    };
+    let members = job.machine.members();
+    let waiting: Vec<u32> = job
+        .waiting
+        .iter()
+        .filter(|((jg, _), (s, _))| *jg == g && *s == step)
+        .map(|((_, r), _)| *r)
+        .collect();
+    let waited = job
+        .waiting
+        .values()
+        .map(|(_, secs)| *secs)
+        .fold(0.0, f64::max);
+    let late: Vec<String> = members
+        .iter()
+        .enumerate()
+        .filter(|(r, _)| !waiting.contains(&(*r as u32)))
+        .map(|(r, w)| format!("rank {r} (worker {w})"))
+        .collect();
+    let text = if late.is_empty() {
+        format!(
+            "every rank has waited {waited:.1} s in the all-reduce of step {step}: a ring link is stalled"
+        )
+    } else {
+        format!(
+            "{} late at step {step}: {} of {} ranks have waited {waited:.1} s for it in the all-reduce",
+            late.join(", "),
+            waiting.len(),
+            members.len()
+        )
+    };
+    let changed = job.status.send_if_modified(|st| {
+        if st.stalled == text {
+            return false;
+        }
+        st.stalled = text.clone();
+        true
+    });
+    if changed {
+        warn!(job = %job.id, generation = g, step, late = ?late, "collective stalled: {text}");
+    }
 }
 
 /// Where the generation starts, into the status (the step shown never runs ahead of

@@ -264,6 +264,7 @@ impl Coordinator {
             id: id.clone(),
             request: req,
             persisted: None,
+            waiting: Default::default(),
             machine,
             file,
             spec_hash,
