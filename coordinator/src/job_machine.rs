@@ -807,15 +807,21 @@ impl JobMachine {
             "worker {worker} (rank {rank}, {detail}) was lost in generation {}",
             self.generation
         );
-        self.lose_member(worker, rank, message)
+        self.lose_member(worker, rank, detail, message)
     }
 
     /// A member is gone: under [`LossPolicy::Fail`] the job fails with `message`; under
     /// [`LossPolicy::NewGeneration`] the survivors stop and the job waits for the next
     /// generation, which continues from the newest state a member holds.
-    fn lose_member(&mut self, lost: &WorkerId, rank: Rank, message: String) -> Vec<Effect> {
+    fn lose_member(
+        &mut self,
+        lost: &WorkerId,
+        rank: Rank,
+        detail: &str,
+        message: String,
+    ) -> Vec<Effect> {
         self.lost.push(format!(
-            "worker {lost} (rank {rank}) in generation {}",
+            "worker {lost} (rank {rank}, {detail}) in generation {}",
             self.generation
         ));
         match self.config.policy {
@@ -1040,7 +1046,7 @@ impl JobMachine {
                 let msg = format!(
                     "worker {lost} (rank {lr}, {lost_detail}) was lost in generation {g}: rank {rank} reports: {message}"
                 );
-                self.lose_member(&lost, lr, msg)
+                self.lose_member(&lost, lr, lost_detail, msg)
             }
             None => self.fail(format!(
                 "rank {rank} (worker {worker}) failed in generation {g}: {message}"

@@ -718,7 +718,7 @@ fn a_job_below_its_minimum_fails_after_the_wait_naming_every_lost_worker() {
     assert_eq!(
         fx,
         vec![failed(
-            "fewer than 2 workers for max_wait_secs after generation 1; lost workers: worker w-2 (rank 1) in generation 1"
+            "fewer than 2 workers for max_wait_secs after generation 1; lost workers: worker w-2 (rank 1, 127.0.0.1:9) in generation 1"
         )]
     );
 }
@@ -736,7 +736,7 @@ fn max_restarts_ends_a_job_that_keeps_losing_workers() {
     let fx = m.handle(avail(&[1, 5]));
     assert_eq!(
         fx,
-        vec![failed("the job lost workers more often than max_restarts = 2 allows: worker w-2 (rank 1) in generation 1; worker w-3 (rank 1) in generation 2; worker w-4 (rank 1) in generation 3")]
+        vec![failed("the job lost workers more often than max_restarts = 2 allows: worker w-2 (rank 1, 127.0.0.1:9) in generation 1; worker w-3 (rank 1, 127.0.0.1:9) in generation 2; worker w-4 (rank 1, 127.0.0.1:9) in generation 3")]
     );
 }
 

@@ -271,7 +271,7 @@ async fn a_worker_whose_control_stream_is_full_is_dropped_not_skipped() {
             .values()
             .next()
             .map(|j| j.machine.snapshot().lost),
-        Some(vec!["worker w-2 (rank 1) in generation 1".to_string()])
+        Some(vec!["worker w-2 (rank 1, b:1) in generation 1".to_string()])
     );
     assert_eq!(core.worker_count(), 1);
     // Its attach stream ends, so the worker notices and reattaches.
