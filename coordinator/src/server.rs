@@ -165,6 +165,7 @@ pub async fn serve_gated(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| CoordinatorError::Transport(e.to_string()));
+    core.close();
     core.tasks().close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, core.tasks().wait()).await;
     result

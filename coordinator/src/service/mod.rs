@@ -187,8 +187,11 @@ pub struct Coordinator {
     tasks: TaskTracker,
     /// Where jobs, checkpoint indexes and worker leases are kept (memory or etcd).
     store: Arc<dyn crate::store::Store>,
-    /// The store writer's queue (none outside a runtime: nothing is persisted then).
-    store_tx: Option<mpsc::Sender<restore::StoreOp>>,
+    /// The store writer's queue (none outside a runtime: nothing is persisted then;
+    /// taken by [`Coordinator::close`], which lets the writer flush and end).
+    store_tx: Mutex<Option<mpsc::Sender<restore::StoreOp>>>,
+    /// Cancelled by [`Coordinator::close`]: timers end instead of outliving the server.
+    closing: CancellationToken,
     /// This coordinator, for tasks it spawns from `&self` methods.
     me: std::sync::Weak<Coordinator>,
 }
@@ -218,7 +221,8 @@ impl Coordinator {
             state: Mutex::new(State::default()),
             tasks,
             store,
-            store_tx,
+            store_tx: Mutex::new(store_tx),
+            closing: CancellationToken::new(),
             me: me.clone(),
         })
     }
@@ -234,9 +238,20 @@ impl Coordinator {
         &self.config
     }
 
-    /// Background tasks (attach watchers), for a bounded shutdown.
+    /// Background tasks (attach watchers, timers, the store writer), for a bounded
+    /// shutdown.
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks
+    }
+
+    /// Winds the background work down: timers end, and the store writer flushes what is
+    /// queued and ends. Call before waiting for [`Coordinator::tasks`].
+    pub fn close(&self) {
+        self.closing.cancel();
+        self.store_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     // ------------------------------------------------------------------ the shell
@@ -380,8 +395,12 @@ impl Coordinator {
         let Some(me) = self.me.upgrade() else {
             return;
         };
+        let closing = self.closing.clone();
         self.tasks.spawn(async move {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = closing.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
             let mut st = me.lock();
             if let Some(g) = generation {
                 if st.jobs.get(&n).map(|j| j.machine.generation()) != Some(g) {

@@ -114,7 +114,8 @@ fn without_verified(mut s: MachineSnapshot) -> MachineSnapshot {
 impl Coordinator {
     /// Queues a store write (dropped, with an error logged, when the queue is full).
     pub(super) fn store_write(&self, op: StoreOp) {
-        if let Some(tx) = &self.store_tx {
+        let tx = self.store_tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = tx.as_ref() {
             if let Err(e) = tx.try_send(op) {
                 error!(error = %e, "the store's write queue is full; a write is lost");
             }
