@@ -12,7 +12,11 @@
 //!   generation's ring; its transports: [`collective`] (gRPC streams) and [`tcp_ring`]
 //!   (plain TCP, or Unix sockets on one host).
 //! - [`step`]: one training step as a pipeline of named stages.
-//! - [`trainer`]: the per-job loop (data, epochs, evaluation, checkpoints, reports).
+//! - [`trainer`]: the per-job loop (data, epochs, evaluation, checkpoints, reports);
+//!   its I/O (shards, checkpoint uploads, the ring entered from the step thread) in
+//!   `trainer/io.rs`.
+//! - [`resume`]: the state a worker keeps between generations, and how a new
+//!   generation's ranks agree where to start (peer broadcast, checkpoint, or init).
 //! - [`agent`]: the worker process: attach to the coordinator, run assignments.
 //! - [`bench`]: one rank of the all-reduce benchmark.
 //! - [`saved_model`]: a trained model loaded (and its bytes verified) for predict and

@@ -9,11 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ringtrain_proto::v1::{
-    checkpoint_part, worker_control_client::WorkerControlClient, worker_report, Assignment,
-    CheckpointData, CheckpointHeader, CheckpointPart, EpochReport, EpochSummary, Failure, Finished,
-    Resumed, ShardRequest, Split, StepReport, Stopped, Waiting, WorkerReport,
+    worker_control_client::WorkerControlClient, worker_report, Assignment, EpochReport,
+    EpochSummary, Failure, Finished, Resumed, Split, StepReport, Stopped, WorkerReport,
 };
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -23,15 +21,18 @@ use tonic::transport::Channel;
 use tracing::{info, info_span, warn};
 
 use crate::collective::CollectiveHub;
-use crate::engine::{Ring, RingConfig};
+use crate::engine::Ring;
 use crate::error::WorkerError;
 use crate::loss::{Metric, MetricSums};
 use crate::model::{DropoutKey, Mlp};
 use crate::plan::TrainingPlan;
-use crate::resume::{self, Exchange, HeldState};
-use crate::ring::{WrappingSumU32, WrappingSumU64};
+use crate::resume::{self, HeldState};
 use crate::sharding;
 use crate::step::{Batch, Collective, StepPipeline};
+
+mod io;
+
+use io::{block_on, connect_ring, fetch, finish_upload, upload, BlockingRing, Shard, Upload};
 
 /// Reports buffered towards the coordinator before the step loop waits.
 const REPORT_CAPACITY: usize = 1024;
@@ -74,16 +75,6 @@ pub enum Outcome {
     Finished,
     /// The ranks stopped after the same step at a drain; the state is kept.
     Stopped,
-}
-
-/// One split's rows held by this worker.
-#[derive(Debug, Default)]
-struct Shard {
-    x: Vec<f32>,
-    y: Vec<f32>,
-    /// Dataset index of each row.
-    idx: Vec<u32>,
-    rows: usize,
 }
 
 /// Runs the job's generation to its end, reporting progress, and returns how it ended
@@ -161,65 +152,6 @@ impl Reports<'_> {
     }
 }
 
-fn block_on<T>(
-    ctx: &JobContext,
-    fut: impl std::future::Future<Output = Result<T, WorkerError>>,
-) -> Result<T, WorkerError> {
-    ctx.handle.block_on(async {
-        tokio::select! {
-            _ = ctx.cancel.cancelled() => Err(WorkerError::Cancelled),
-            r = fut => r,
-        }
-    })
-}
-
-fn fetch(
-    ctx: &JobContext,
-    split: Split,
-    epoch: u32,
-    start_batch: u64,
-) -> impl std::future::Future<Output = Result<Shard, WorkerError>> {
-    let mut control = ctx.control.clone();
-    let a = &ctx.assignment;
-    let req = ShardRequest {
-        job_id: a.job_id.clone(),
-        generation: a.generation,
-        rank: a.rank,
-        split: split as i32,
-        epoch,
-        worker_id: ctx.worker_id.clone(),
-        start_batch: start_batch as u32,
-    };
-    let features = ctx.plan.features;
-    async move {
-        let status = |s: tonic::Status| WorkerError::Coordinator {
-            call: "FetchShard",
-            status: s.to_string(),
-        };
-        let mut stream = control.fetch_shard(req).await.map_err(status)?.into_inner();
-        let mut shard = Shard::default();
-        while let Some(chunk) = stream.message().await.map_err(status)? {
-            let rows = chunk.rows as usize;
-            if chunk.features.len() != rows * features * 4
-                || chunk.labels.len() != rows * 4
-                || chunk.indices.len() != rows * 4
-            {
-                return Err(WorkerError::Shard(format!(
-                    "chunk of {rows} rows has {} feature, {} label and {} index bytes",
-                    chunk.features.len(),
-                    chunk.labels.len(),
-                    chunk.indices.len()
-                )));
-            }
-            shard.x.extend(crate::wire::f32s_le(&chunk.features));
-            shard.y.extend(crate::wire::f32s_le(&chunk.labels));
-            shard.idx.extend(crate::wire::u32s_le(&chunk.indices));
-            shard.rows += rows;
-        }
-        Ok(shard)
-    }
-}
-
 /// Where step time goes on this rank (seconds, summed over steps).
 #[derive(Debug, Default)]
 struct StepTiming {
@@ -279,62 +211,6 @@ fn evaluate(
     Ok(MetricSums::from_flat(classes, &buf))
 }
 
-/// The job's ring, entered from the step thread.
-struct BlockingRing<'a> {
-    ctx: &'a JobContext,
-    ring: &'a mut Ring,
-}
-
-/// Runs a step's collective; when it has waited a quarter of the deadline (at least a
-/// second), tells the coordinator, which names the ranks that have not joined yet while
-/// there is still time before the deadline fires.
-fn block_on_watched<T>(
-    ctx: &JobContext,
-    step: u64,
-    fut: impl std::future::Future<Output = Result<T, WorkerError>>,
-) -> Result<T, WorkerError> {
-    let slow =
-        (Duration::from_millis(ctx.plan.collective_timeout_ms) / 4).max(Duration::from_secs(1));
-    let started = Instant::now();
-    ctx.handle.block_on(async {
-        tokio::pin!(fut);
-        tokio::select! {
-            _ = ctx.cancel.cancelled() => return Err(WorkerError::Cancelled),
-            r = &mut fut => return r,
-            _ = tokio::time::sleep(slow) => {}
-        }
-        let waited = started.elapsed().as_secs_f64();
-        warn!(step, waited, "waiting in the step's all-reduce");
-        if let Some(tx) = &ctx.stall_reports {
-            let a = &ctx.assignment;
-            let _ = tx.try_send(WorkerReport {
-                job_id: a.job_id.clone(),
-                generation: a.generation,
-                rank: a.rank,
-                worker_id: ctx.worker_id.clone(),
-                kind: Some(worker_report::Kind::Waiting(Waiting {
-                    step,
-                    seconds: waited,
-                })),
-            });
-        }
-        tokio::select! {
-            _ = ctx.cancel.cancelled() => Err(WorkerError::Cancelled),
-            r = fut => r,
-        }
-    })
-}
-
-impl Collective for BlockingRing<'_> {
-    fn sum_f32(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
-        block_on_watched(self.ctx, step, self.ring.all_reduce(buf, step))
-    }
-
-    fn sum_u64(&mut self, buf: &mut [u64], step: u64) -> Result<(), WorkerError> {
-        block_on(self.ctx, self.ring.reduce::<WrappingSumU64>(buf, step))
-    }
-}
-
 /// Named values of a split's metrics, with a prefix (`val_`, `test_`).
 fn named(
     sums: &MetricSums,
@@ -351,166 +227,6 @@ fn named(
             )
         })
         .collect()
-}
-
-/// A checkpoint upload in flight.
-type Upload = tokio::task::JoinHandle<Result<(), WorkerError>>;
-
-/// Bytes per checkpoint chunk message.
-const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
-
-/// Starts uploading a copy of the state and returns at once: rank 0 keeps stepping (its
-/// peers would otherwise wait in the next all-reduce for as long as the coordinator
-/// takes to write and fsync) while the copy travels, streamed in chunks. `epoch` is the
-/// epochs completed (the final checkpoint) or the epoch in progress (periodic ones).
-fn upload(ctx: &JobContext, s: &HeldState, final_: bool) -> Upload {
-    let _span = info_span!("checkpoint", step = s.step, final_).entered();
-    let a = &ctx.assignment;
-    let plan = &ctx.plan;
-    let mut buffers: Vec<(String, &[f32])> = vec![("params".into(), &s.params)];
-    for (name, data) in s.opt.config.slot_names().iter().zip(&s.opt.slots) {
-        buffers.push((format!("opt.{name}"), data));
-    }
-    if let Some(b) = s.best_params(plan) {
-        buffers.push(("best".into(), b));
-    }
-    let mut resume = s.resume_state(plan);
-    if final_ {
-        resume.epoch_cursor = 0;
-    }
-    let header = CheckpointHeader {
-        job_id: a.job_id.clone(),
-        generation: a.generation,
-        step: s.step,
-        epoch: s.epochs_done,
-        r#final: final_,
-        optimizer_t: s.opt.t,
-        param_hash: s.hash(),
-        worker_id: ctx.worker_id.clone(),
-        buffers: buffers.iter().map(|(n, _)| n.clone()).collect(),
-        resume_json: serde_json::to_string(&resume).unwrap_or_default(),
-    };
-    let mut parts = vec![CheckpointPart {
-        kind: Some(checkpoint_part::Kind::Header(header)),
-    }];
-    for (i, (_, data)) in buffers.iter().enumerate() {
-        for chunk in bytemuck::cast_slice::<f32, u8>(data).chunks(CHECKPOINT_CHUNK_BYTES) {
-            parts.push(CheckpointPart {
-                kind: Some(checkpoint_part::Kind::Data(CheckpointData {
-                    buffer: i as u32,
-                    data: Bytes::copy_from_slice(chunk),
-                })),
-            });
-        }
-    }
-    let mut control = ctx.control.clone();
-    ctx.handle.spawn(async move {
-        control
-            .upload_checkpoint(tokio_stream::iter(parts))
-            .await
-            .map(|_| ())
-            .map_err(|s| WorkerError::Coordinator {
-                call: "UploadCheckpoint",
-                status: s.to_string(),
-            })
-    })
-}
-
-/// Waits for an upload started by [`upload`].
-fn finish_upload(ctx: &JobContext, pending: Option<Upload>) -> Result<(), WorkerError> {
-    match pending {
-        Some(h) => block_on(ctx, async {
-            h.await.map_err(|e| WorkerError::Join(e.to_string()))?
-        }),
-        None => Ok(()),
-    }
-}
-
-/// The agreement's collectives over the generation's ring, and the checkpoint fetch.
-impl Exchange for BlockingRing<'_> {
-    fn sum_u64(&mut self, buf: &mut [u64]) -> Result<(), WorkerError> {
-        block_on(self.ctx, self.ring.reduce::<WrappingSumU64>(buf, 0))
-    }
-
-    fn sum_u32(&mut self, buf: &mut [u32]) -> Result<(), WorkerError> {
-        block_on(self.ctx, self.ring.reduce::<WrappingSumU32>(buf, 0))
-    }
-
-    fn fetch_checkpoint(&mut self) -> Result<HeldState, WorkerError> {
-        let ctx = self.ctx;
-        let req = resume::checkpoint_request(&ctx.assignment, &ctx.worker_id);
-        let mut control = ctx.control.clone();
-        let parts = block_on(ctx, async move {
-            let status = |s: tonic::Status| WorkerError::Coordinator {
-                call: "FetchCheckpoint",
-                status: s.to_string(),
-            };
-            let mut stream = control
-                .fetch_checkpoint(req)
-                .await
-                .map_err(status)?
-                .into_inner();
-            let mut parts = Vec::new();
-            while let Some(p) = stream.message().await.map_err(status)? {
-                parts.push(p);
-            }
-            Ok(parts)
-        })?;
-        let classes = ctx.plan.loss.metric_classes(ctx.plan.model.outputs());
-        resume::state_from_checkpoint(parts, &ctx.plan, &ctx.assignment.job_id, classes)
-    }
-}
-
-/// Connects this generation's ring over the transport the coordinator chose.
-fn connect_ring(ctx: &JobContext) -> Result<Ring, WorkerError> {
-    let plan = &ctx.plan;
-    let a = &ctx.assignment;
-    let rank = a.rank as usize;
-    let ring_config = RingConfig {
-        timeout: Duration::from_millis(plan.collective_timeout_ms),
-        ..RingConfig::default()
-    };
-    if a.data_peers.len() == a.peers.len() && a.ring_token.len() == 16 {
-        let mut token = [0u8; 16];
-        token.copy_from_slice(&a.ring_token);
-        let peers = crate::tcp_ring::DataPeers {
-            addrs: a.data_peers.clone(),
-            token,
-            locals: a.data_locals.clone(),
-        };
-        let ring = block_on(
-            ctx,
-            Ring::connect_socket(
-                &ctx.data_hub,
-                &a.job_id,
-                a.generation,
-                rank,
-                &peers,
-                ring_config,
-                ctx.cancel.clone(),
-            ),
-        )?;
-        info!(
-            rank,
-            generation = a.generation,
-            same_host_socket = ring.is_local(),
-            "ring data link to the right neighbour is up"
-        );
-        Ok(ring)
-    } else {
-        block_on(
-            ctx,
-            Ring::connect_grpc(
-                ctx.hub.clone(),
-                &a.job_id,
-                a.generation,
-                rank,
-                &a.peers,
-                ring_config,
-                ctx.cancel.clone(),
-            ),
-        )
-    }
 }
 
 fn train(
