@@ -8,10 +8,13 @@ a member is killed, then `status --json` is polled as fast as the CLI answers un
 generation newer than the one killed has completed a step (steps above the step its
 "lost" event started from). Resolution: one status call (~10-20 ms).
 
-torchrun: `torchrun --standalone --nnodes 1 --nproc-per-node 3 --max-restarts 3` of a
+torchrun: `torchrun --standalone --nnodes 1 --nproc-per-node 3 --max-restarts 20` of a
 gloo DDP script training the same MLP (100-64-64-10, batch 64 global, Adam) that
 checkpoints every 50 steps and prints a timestamped line per step; one rank is killed
-and the time runs to the first step line of the restarted world.
+and the time runs to the first step line of a restarted world. On a loaded 2-core host a
+restarted world often fails gloo's connectFullMesh (a peer is still importing torch when
+another gives up connecting after its few retries), and torchrun restarts it again:
+those restarts are part of its recovery time here, so the restart budget is generous.
 
     python3 benches/recovery.py --ringtrain target/release/ringtrain \\
         --venv /tmp/anchors-venv --repeats 5
@@ -30,9 +33,10 @@ import tempfile
 import threading
 import time
 
-# A torchrun launch that has not given a step after the kill by then is counted as hung
-# and launched again (seen on this machine: the restarted ranks never leave rendezvous).
-TORCHRUN_LIMIT_S = 90
+# A torchrun launch that has not given a step after the kill by then is counted as "not
+# recovered": its time enters the median as this limit, a lower bound (censored), and the
+# output says how many were.
+TORCHRUN_LIMIT_S = 60
 
 
 class Hung(RuntimeError):
@@ -192,7 +196,7 @@ def torchrun_once(venv):
         open(script, "w").write(DDP)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         p = subprocess.Popen([f"{venv}/bin/torchrun", "--standalone", "--nnodes", "1",
-                              "--nproc-per-node", "3", "--max-restarts", "3", script, d],
+                              "--nproc-per-node", "3", "--max-restarts", "20", script, d],
                              stdout=subprocess.PIPE, stderr=open(f"{d}/err.log", "w"),
                              stdin=subprocess.DEVNULL, text=True, env=env,
                              start_new_session=True)
@@ -219,7 +223,7 @@ def torchrun_once(venv):
                 if line.startswith("STEP ") and int(parts[2]) >= 1:
                     return float(parts[1]) - t0
             raise Hung("torchrun gave no step after the kill within "
-                       f"{TORCHRUN_LIMIT_S} s (its restarted world hung in rendezvous)")
+                       f"{TORCHRUN_LIMIT_S} s (no restarted world got past gloo init and a step)")
         finally:
             watchdog.cancel()
             kill_all()
@@ -235,20 +239,22 @@ def main():
     ours, theirs, hung = [], [], 0
     for i in range(a.repeats):
         ours.append(ringtrain_once(a.ringtrain))
-        while True:
-            try:
-                theirs.append(torchrun_once(a.venv))
-                break
-            except Hung as e:
-                hung += 1
-                print(f"round {i + 1}: {e}", file=sys.stderr, flush=True)
-                if hung > 2 * a.repeats:
-                    raise
-        print(f"round {i + 1}: ringtrain {ours[-1]:.3f} s, torchrun {theirs[-1]:.3f} s",
+        try:
+            theirs.append(torchrun_once(a.venv))
+            shown = f"{theirs[-1]:.3f} s"
+        except Hung as e:
+            hung += 1
+            theirs.append(float(TORCHRUN_LIMIT_S))
+            shown = f">= {TORCHRUN_LIMIT_S} s (not recovered: {e})"
+        print(f"round {i + 1}: ringtrain {ours[-1]:.3f} s, torchrun {shown}",
               file=sys.stderr, flush=True)
     mo, mt = statistics.median(ours), statistics.median(theirs)
-    print(json.dumps({"ringtrain_s": ours, "torchrun_s": theirs, "torchrun_hung": hung,
+    # With unrecovered launches counted at the limit, torchrun's median (and the ratio)
+    # is a lower bound whenever more than half of them did not recover.
+    print(json.dumps({"ringtrain_s": ours, "torchrun_s": theirs,
+                      "torchrun_not_recovered": hung, "torchrun_limit_s": TORCHRUN_LIMIT_S,
                       "ringtrain_median_s": mo, "torchrun_median_s": mt,
+                      "torchrun_median_is_lower_bound": hung * 2 > a.repeats,
                       "ratio_torchrun_over_ringtrain": mt / mo}))
 
 
