@@ -74,7 +74,7 @@ fn a_killed_coordinator_restarted_on_the_same_etcd_finishes_its_running_job() {
     let etcd = etcd::Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (coord, url) = serve_etcd(&data, "127.0.0.1:0", &etcd.url(), "/restart");
+    let (coord, url) = serve_etcd(&data, "127.0.0.1:0", etcd.url(), "/restart");
     let listen = url.trim_start_matches("http://").to_string();
     let _w: Vec<Proc> = (0..3).map(|i| worker(&url, &format!("w{i}"))).collect();
     let job = synthetic_job(dir.path(), "durable", 20_000, 12, 0.0, 200);
@@ -84,7 +84,7 @@ fn a_killed_coordinator_restarted_on_the_same_etcd_finishes_its_running_job() {
     drop(coord); // kill -9: Child::kill sends SIGKILL
                  // The same address, etcd and data directory: the workers reattach by themselves.
     let (_coord, url2) = wait_for(Duration::from_secs(20), "the port to be free again", || {
-        std::panic::catch_unwind(|| serve_etcd(&data, &listen, &etcd.url(), "/restart")).ok()
+        std::panic::catch_unwind(|| serve_etcd(&data, &listen, etcd.url(), "/restart")).ok()
     });
     assert_eq!(url2, url);
     let s = wait_done(&url, &id);
@@ -109,12 +109,12 @@ fn a_standby_takes_over_when_the_leader_is_killed() {
     let etcd = etcd::Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (leader, a) = serve_etcd(&data, "127.0.0.1:0", &etcd.url(), "/standby");
+    let (leader, a) = serve_etcd(&data, "127.0.0.1:0", etcd.url(), "/standby");
     // The leader serves first; only then start the standby.
     wait_for(Duration::from_secs(20), "the leader to serve", || {
         run_json(&["jobs", "--coordinator", &a]).0.then_some(())
     });
-    let (_standby, b) = serve_etcd(&data, "127.0.0.1:0", &etcd.url(), "/standby");
+    let (_standby, b) = serve_etcd(&data, "127.0.0.1:0", etcd.url(), "/standby");
     let (ok, _, err) = run_json(&["jobs", "--coordinator", &b]);
     assert!(!ok, "a standby answered");
     assert!(err.contains("standby"), "{err}");
