@@ -35,6 +35,14 @@ struct Cli {
     /// Coordinator address for client commands.
     #[arg(long, global = true, env = "RINGTRAIN_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// Log lines on stderr: text, or json (one JSON object per line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "RINGTRAIN_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,17 +78,17 @@ enum Command {
     },
     /// Run a coordinator.
     Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7070")]
+        /// Address to listen on (`0.0.0.0:7070` in a container).
+        #[arg(long, env = "RINGTRAIN_LISTEN", default_value = "127.0.0.1:7070")]
         listen: String,
         /// Where run directories and checkpoints go.
-        #[arg(long, default_value = "ringtrain-data")]
+        #[arg(long, env = "RINGTRAIN_DATA_DIR", default_value = "ringtrain-data")]
         data_dir: PathBuf,
         /// Deadline of one collective send/receive, in seconds.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, env = "RINGTRAIN_COLLECTIVE_TIMEOUT_SECS", default_value_t = 20)]
         collective_timeout_secs: u64,
         /// Ring transport: tcp (plain TCP data plane) or grpc (Collective streams).
-        #[arg(long, default_value = "tcp")]
+        #[arg(long, env = "RINGTRAIN_DATA_PLANE", default_value = "tcp")]
         data_plane: DataPlane,
         /// Keep jobs, the checkpoint index and worker leases in etcd v3 at URL[,URL…]
         /// (http://host:port); coordinators on one prefix elect a leader, the others
@@ -88,30 +96,32 @@ enum Command {
         #[arg(long, env = "RINGTRAIN_ETCD", value_name = "URL[,URL…]")]
         etcd: Option<String>,
         /// Key prefix in etcd shared by the coordinators of one cluster.
-        #[arg(long, default_value = "/ringtrain")]
+        #[arg(long, env = "RINGTRAIN_ETCD_PREFIX", default_value = "/ringtrain")]
         etcd_prefix: String,
         /// TTL of the leader lease in seconds (at least 2): a standby takes over within
         /// about this long after the leader dies.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, env = "RINGTRAIN_LEADER_TTL_SECS", default_value_t = 5)]
         leader_ttl_secs: u64,
     },
     /// Run a worker that attaches to a coordinator.
     Worker {
-        /// Address for ring neighbours to connect to (port 0: any free port).
-        #[arg(long, default_value = "127.0.0.1:0")]
+        /// Address for ring neighbours to connect to (port 0: any free port;
+        /// `0.0.0.0:PORT` in a container, with --advertise).
+        #[arg(long, env = "RINGTRAIN_LISTEN", default_value = "127.0.0.1:0")]
         listen: String,
-        /// Address neighbours should dial, when it differs from the bound one.
-        #[arg(long)]
+        /// Address neighbours should dial, when it differs from the bound one (a pod's
+        /// IP and the listen port).
+        #[arg(long, env = "RINGTRAIN_ADVERTISE")]
         advertise: Option<String>,
         /// Name shown in the coordinator's logs.
-        #[arg(long, default_value = "")]
+        #[arg(long, env = "RINGTRAIN_NAME", default_value = "")]
         name: String,
         /// Exit after failing to reach the coordinator for this long (default: retry forever).
-        #[arg(long)]
+        #[arg(long, env = "RINGTRAIN_RECONNECT_TIMEOUT_SECS")]
         reconnect_timeout_secs: Option<u64>,
         /// Keep ring data on TCP even to workers on this host (by default they use a
         /// Unix socket, which is several times faster than loopback TCP).
-        #[arg(long)]
+        #[arg(long, env = "RINGTRAIN_TCP_ONLY")]
         tcp_only: bool,
     },
     /// Submit a job file to the coordinator, or continue a run (--resume).
@@ -301,14 +311,28 @@ enum PrivacyCommand {
     },
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans).
+    Json,
+}
+
+/// The log format every `init_tracing` call uses (set once from the command line).
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 /// Cancels the returned token on ctrl-c or SIGTERM.
@@ -362,6 +386,7 @@ fn main() -> ExitCode {
 
 async fn async_main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = LOG_FORMAT.set(cli.log_format);
     let json = cli.json;
     match run(cli).await {
         Ok(code) => code,

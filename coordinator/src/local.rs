@@ -205,6 +205,10 @@ pub async fn run_local(
                 "10",
             ])
             .args(opts.tcp_only.then_some("--tcp-only"))
+            // A container's settings (RINGTRAIN_ADVERTISE, ...) belong to the container's
+            // own worker, not to the local ones started here.
+            .env_remove("RINGTRAIN_ADVERTISE")
+            .env_remove("RINGTRAIN_TCP_ONLY")
             .env("RAYON_NUM_THREADS", &threads)
             .env(
                 "RUST_LOG",

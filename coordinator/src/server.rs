@@ -91,6 +91,11 @@ impl Gate {
         });
     }
 
+    /// A receiver that sees every change (the health service follows it).
+    pub fn subscribe(&self) -> watch::Receiver<GateState> {
+        self.state.subscribe()
+    }
+
     /// The current state.
     pub fn state(&self) -> GateState {
         self.state.borrow().clone()
@@ -142,6 +147,33 @@ pub async fn serve_gated(
     gate: Gate,
 ) -> Result<(), CoordinatorError> {
     let api = CoordinatorApi::new(core.clone());
+    // grpc.health.v1, outside the gate: SERVING while the gate is open (with etcd: only
+    // the leader), NOT_SERVING otherwise, for readiness probes and load balancers. The
+    // service "liveness" is SERVING as long as the process answers: a liveness probe
+    // must not kill a healthy standby.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("liveness", tonic_health::ServingStatus::Serving)
+        .await;
+    let mut gate_state = gate.subscribe();
+    let health_stop = shutdown.clone();
+    let follower = tokio::spawn(async move {
+        loop {
+            let serving = matches!(*gate_state.borrow_and_update(), GateState::Serving);
+            for name in ["", "ringtrain.v1.JobService", "ringtrain.v1.WorkerControl"] {
+                let status = if serving {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                health.set_service_status(name, status).await;
+            }
+            tokio::select! {
+                _ = health_stop.cancelled() => break,
+                r = gate_state.changed() => if r.is_err() { break },
+            }
+        }
+    });
     let result = Server::builder()
         .tcp_nodelay(true)
         // A worker behind a partition sends nothing and receives nothing; keepalive pings
@@ -162,9 +194,11 @@ pub async fn serve_gated(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             gate,
         ))
+        .add_service(health_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| CoordinatorError::Transport(e.to_string()));
+    follower.abort();
     core.close();
     core.tasks().close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, core.tasks().wait()).await;

@@ -87,6 +87,15 @@ pub async fn run(
         .max_decoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ringtrain_proto::MAX_MESSAGE_BYTES);
     let server_stop = shutdown.child_token();
+    // grpc.health.v1 on the listen port: SERVING while attached to a coordinator.
+    // The service "liveness" is SERVING as long as the process answers.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("liveness", tonic_health::ServingStatus::Serving)
+        .await;
     // The listeners' tasks: the gRPC server and the data-plane accept loops, joined with
     // a bounded grace whichever way this function ends.
     let mut listeners = JoinSet::new();
@@ -98,6 +107,7 @@ pub async fn run(
             .initial_connection_window_size(Some(crate::collective::H2_CONNECTION_WINDOW))
             .max_frame_size(Some(crate::collective::H2_MAX_FRAME))
             .add_service(service)
+            .add_service(health_service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 stop.cancelled().await
             });
@@ -202,6 +212,9 @@ pub async fn run(
                 Ok(Some(m)) => m.kind,
                 Ok(None) | Err(_) => {
                     warn!("lost the coordinator; cancelling any job (its state is kept) and reattaching");
+                    health
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
                     stop_job(&mut running, &mut held).await?;
                     continue 'connect;
                 }
@@ -219,6 +232,9 @@ pub async fn run(
                         )));
                     }
                     info!(worker_id = %r.worker_id, "registered with the coordinator");
+                    health
+                        .set_service_status("", tonic_health::ServingStatus::Serving)
+                        .await;
                     worker_id = r.worker_id;
                 }
                 Some(control_message::Kind::Assignment(mut a)) => {

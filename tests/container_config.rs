@@ -1,0 +1,74 @@
+//! The container way of configuring: every `serve`/`worker` flag also reads an env var,
+//! `0.0.0.0` listens with a separate advertise address, and `RINGTRAIN_LOG_FORMAT=json`
+//! gives one JSON object per log line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::{bin, Proc};
+
+#[test]
+fn serve_reads_its_flags_from_env_and_logs_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("from-env");
+    let mut child = Command::new(bin())
+        .arg("serve")
+        .env("RINGTRAIN_LISTEN", "0.0.0.0:0")
+        .env("RINGTRAIN_DATA_DIR", &data)
+        .env("RINGTRAIN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _guard = Proc(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on 0.0.0.0:"), "{line:?}");
+    let mut log = String::new();
+    BufReader::new(stderr).read_line(&mut log).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&log)
+        .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {log:?}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["message"], "coordinator listening", "{v}");
+    assert_eq!(v["fields"]["data_dir"], data.display().to_string(), "{v}");
+}
+
+#[test]
+fn a_worker_on_all_interfaces_advertises_the_address_from_env() {
+    let mut child = Command::new(bin())
+        .args(["worker", "--coordinator", "http://127.0.0.1:9"])
+        .env("RINGTRAIN_LISTEN", "0.0.0.0:0")
+        .env("RINGTRAIN_ADVERTISE", "127.0.0.1:4567")
+        .env("RINGTRAIN_NAME", "pod-7")
+        .env("RINGTRAIN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _guard = Proc(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on 0.0.0.0:"), "{line:?}");
+    let started = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .find(|v| v["fields"]["message"] == "worker started")
+        .expect("a JSON 'worker started' line");
+    assert_eq!(
+        started["fields"]["collective"], "127.0.0.1:4567",
+        "{started}"
+    );
+}
