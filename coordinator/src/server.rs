@@ -147,6 +147,13 @@ pub async fn serve_gated(
     gate: Gate,
 ) -> Result<(), CoordinatorError> {
     let api = CoordinatorApi::new(core.clone());
+    // Server reflection (grpcurl, grpcui, Postman work without the .proto files). It sits
+    // outside the gate like health: describing the API reveals nothing a standby guards.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ringtrain_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Transport(format!("building gRPC reflection: {e}")))?;
     // grpc.health.v1, outside the gate: SERVING while the gate is open (with etcd: only
     // the leader), NOT_SERVING otherwise, for readiness probes and load balancers. The
     // service "liveness" is SERVING as long as the process answers: a liveness probe
@@ -195,6 +202,7 @@ pub async fn serve_gated(
             gate,
         ))
         .add_service(health_service)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| CoordinatorError::Transport(e.to_string()));

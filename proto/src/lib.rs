@@ -10,6 +10,9 @@ pub mod v1 {
     tonic::include_proto!("ringtrain.v1");
 }
 
+/// The encoded `FileDescriptorSet` of `ringtrain.proto`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ringtrain_descriptor");
+
 /// Version of the worker-control protocol (the messages and their meaning between a
 /// coordinator and its workers). Bump it on any change an older peer would misread; a
 /// coordinator and a worker of different versions refuse each other at `Attach`.
