@@ -45,6 +45,19 @@ pub use replica::{Divergence, ReplicaCheck};
 
 use ringtrain_core::{Generation, Rank, Step, WorkerId};
 
+/// See [`JobMachine::snapshot_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotKey {
+    state: JobState,
+    generation: Generation,
+    state_floor: Generation,
+    restarts: u32,
+    events: (usize, Option<Step>),
+    lost: usize,
+    checkpoint: Option<Step>,
+    failed: bool,
+}
+
 /// A rank's report that it stopped at a drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct StopReport {
@@ -174,6 +187,22 @@ impl JobMachine {
             },
             checkpoint: self.checkpoint,
             error: self.error.clone(),
+        }
+    }
+
+    /// A cheap fingerprint of everything [`JobMachine::snapshot`] holds except the
+    /// verified count (which moves every step): equal keys mean nothing worth saving
+    /// changed.
+    pub fn snapshot_key(&self) -> SnapshotKey {
+        SnapshotKey {
+            state: self.state,
+            generation: self.generation,
+            state_floor: self.state_floor,
+            restarts: self.restarts,
+            events: (self.events.len(), self.events.last().map(|e| e.step)),
+            lost: self.lost.len(),
+            checkpoint: self.checkpoint,
+            failed: self.error.is_some(),
         }
     }
 

@@ -13,7 +13,10 @@
 //!   workers (attach, detach);
 //! - [`reports`]: what workers send back: step/epoch reports, checkpoints, shard requests;
 //! - [`job_data`]: loading and normalizing a job's datasets;
-//! - [`outputs`]: the files a run leaves (metrics.jsonl, model.json, model.safetensors).
+//! - [`outputs`]: the files a run leaves (metrics.jsonl, model.json, model.safetensors);
+//! - [`workers`]: attach and detach;
+//! - [`restore`]: writes to the store and the restore after a restart; [`resume`]:
+//!   `--resume RUN_DIR`.
 //!
 //! [`job_machine::Event`]: crate::job_machine::Event
 
@@ -22,6 +25,7 @@ mod outputs;
 mod reports;
 mod restore;
 mod resume;
+mod workers;
 
 use job_data::load_data;
 pub use job_data::JobData;
@@ -32,12 +36,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::Stream;
-use futures::StreamExt;
 use ringtrain_core::plan::TrainingPlan;
 use ringtrain_core::{Generation, JobId, Rank, WorkerId};
 use ringtrain_proto::v1::{
-    control_message, Assignment, AttachRequest, CancelJob, ControlMessage, Drain, GenerationEvent,
-    JobStatus, Metrics, Registered, Shutdown, SubmitRequest,
+    control_message, Assignment, CancelJob, ControlMessage, Drain, GenerationEvent, JobStatus,
+    Metrics, SubmitRequest,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -82,8 +85,8 @@ struct JobEntry {
     /// The request as it took effect (a resume's filled in from its run directory):
     /// what a restarted coordinator rebuilds the job from.
     request: SubmitRequest,
-    /// What was last written to the store (verified steps aside), to write on change.
-    persisted: Option<crate::job_machine::MachineSnapshot>,
+    /// What was last written to the store, to write only on change.
+    persisted: Option<crate::job_machine::SnapshotKey>,
     /// Ranks of the running generation waiting in a step's all-reduce: (generation,
     /// rank) -> (step, seconds waited).
     waiting: BTreeMap<(u64, u32), (u64, f64)>,
@@ -787,133 +790,6 @@ impl Coordinator {
         Ok(status)
     }
 
-    // ------------------------------------------------------------------ workers
-
-    /// Registers a worker; the returned stream carries its control messages. When the
-    /// worker goes away (the stream is dropped), it is detached. A worker of another
-    /// protocol version is refused, naming both versions.
-    pub fn attach(self: &Arc<Self>, req: AttachRequest) -> Result<ControlStream, CoordinatorError> {
-        if req.collective_addr.is_empty() {
-            return Err(CoordinatorError::BadRequest(
-                "attach: collective_addr is empty".into(),
-            ));
-        }
-        if req.protocol_version != ringtrain_proto::PROTOCOL_VERSION {
-            return Err(CoordinatorError::Precondition(format!(
-                "attach: worker {:?} speaks protocol version {}, this coordinator speaks version {}; run the same ringtrain release on both",
-                req.name,
-                req.protocol_version,
-                ringtrain_proto::PROTOCOL_VERSION
-            )));
-        }
-        Ok(self.register(req.collective_addr, req.name, req.data_addr, req.data_local))
-    }
-
-    fn register(
-        self: &Arc<Self>,
-        addr: String,
-        name: String,
-        data_addr: String,
-        data_local: String,
-    ) -> ControlStream {
-        let (tx, rx) = mpsc::channel(CONTROL_CAPACITY);
-        let kick = CancellationToken::new();
-        let mut st = self.lock();
-        st.next_worker += 1;
-        let n = st.next_worker;
-        let id = WorkerId(format!("w-{n}"));
-        info!(worker = %id, addr = %addr, name = %name, "worker attached");
-        self.store_write(restore::StoreOp::PutWorker {
-            id: id.0.clone(),
-            json: serde_json::json!({ "addr": addr, "name": name }).to_string(),
-        });
-        let watcher = tx.clone();
-        st.workers.insert(
-            n,
-            (
-                id.clone(),
-                WorkerEntry {
-                    addr,
-                    data_addr,
-                    data_local,
-                    name,
-                    tx,
-                    kick: kick.clone(),
-                    job: None,
-                },
-            ),
-        );
-        // The first message on a fresh channel always fits.
-        st.send_control(
-            &id,
-            control_message::Kind::Registered(Registered {
-                worker_id: id.0.clone(),
-                protocol_version: ringtrain_proto::PROTOCOL_VERSION,
-            }),
-        );
-        for n in st.jobs.keys().copied().collect::<Vec<_>>() {
-            self.apply(&mut st, n, Event::WorkerJoined { worker: id.clone() });
-        }
-        self.settle(&mut st);
-        drop(st);
-        let me = Arc::clone(self);
-        self.tasks.spawn(async move {
-            watcher.closed().await;
-            me.detach(&id);
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).take_until(kick.cancelled_owned()))
-    }
-
-    /// Forgets a worker; a job it was running learns it lost a member.
-    pub fn detach(&self, id: &WorkerId) {
-        let mut st = self.lock();
-        self.forget_worker(&mut st, id);
-        self.settle(&mut st);
-    }
-
-    fn forget_worker(&self, st: &mut State, id: &WorkerId) {
-        let Some(n) = parse_num(&id.0, "w-") else {
-            return;
-        };
-        let Some((_, w)) = st.workers.remove(&n) else {
-            return;
-        };
-        // Ends the attach stream, if it is still open (an unreachable worker).
-        w.kick.cancel();
-        self.store_write(restore::StoreOp::DropWorker { id: id.0.clone() });
-        match w.job {
-            None => info!(worker = %id, addr = %w.addr, name = %w.name, "worker detached"),
-            Some(job_id) => {
-                warn!(worker = %id, addr = %w.addr, name = %w.name, job = %job_id, "worker lost while running a job");
-                if let Ok(job) = st.job_number(&job_id.0) {
-                    self.apply(
-                        st,
-                        job,
-                        Event::WorkerLost {
-                            worker: id.clone(),
-                            detail: w.addr.clone(),
-                        },
-                    );
-                }
-            }
-        }
-    }
-
-    /// Tells every attached worker to exit (used by `ringtrain local` on the way out).
-    pub fn shutdown_workers(&self) {
-        let mut st = self.lock();
-        let ids: Vec<WorkerId> = st.workers.values().map(|(id, _)| id.clone()).collect();
-        for id in ids {
-            st.send_control(&id, control_message::Kind::Shutdown(Shutdown {}));
-        }
-        st.unreachable.clear();
-    }
-
-    /// Number of attached workers.
-    pub fn worker_count(&self) -> usize {
-        self.lock().workers.len()
-    }
-
     /// Checks that a worker's message belongs to the job's current generation and rank;
     /// returns the job's number.
     fn member(
@@ -940,20 +816,38 @@ impl Coordinator {
 /// events, error) into its status; watchers see a change only when something did change.
 fn publish(job: &JobEntry) {
     let m = &job.machine;
+    // Called on every report: compare field by field, never clone the whole status (its
+    // history grows with the run).
     job.status.send_if_modified(|s| {
-        let before = s.clone();
-        s.state = m.state().as_str().into();
+        let mut changed = false;
+        let mut set = |changed_now: bool| changed |= changed_now;
+        let state = m.state().as_str();
+        set(s.state != state);
+        if s.state != state {
+            s.state = state.into();
+        }
+        set(s.generation != m.generation().0);
         s.generation = m.generation().0;
-        if !m.members().is_empty() {
-            s.worker_ids = m.members().iter().map(|w| w.0.clone()).collect();
-            s.workers = m.members().len() as u32;
+        let members = m.members();
+        if !members.is_empty()
+            && (s.worker_ids.len() != members.len()
+                || s.worker_ids.iter().zip(members).any(|(a, b)| *a != b.0))
+        {
+            s.worker_ids = members.iter().map(|w| w.0.clone()).collect();
+            s.workers = members.len() as u32;
+            set(true);
         }
         let (min, max) = m.range();
+        set((s.workers_min, s.workers_max) != (min as u32, max as u32));
         s.workers_min = min as u32;
         s.workers_max = max as u32;
+        set(s.verified_steps != m.verified_steps());
         s.verified_steps = m.verified_steps();
         if let Some(e) = m.error() {
-            s.error = e.to_string();
+            if s.error != e {
+                s.error = e.to_string();
+                set(true);
+            }
         }
         if s.events.len() != m.events().len()
             || s.events.last().map(|e| e.step) != m.events().last().map(|e| e.step.0)
@@ -969,11 +863,13 @@ fn publish(job: &JobEntry) {
                     workers: e.workers,
                 })
                 .collect();
+            set(true);
         }
-        if m.state() != JobState::Running {
+        if m.state() != JobState::Running && !s.stalled.is_empty() {
             s.stalled.clear();
+            set(true);
         }
-        *s != before
+        changed
     });
 }
 

@@ -105,12 +105,6 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The snapshot with the verified count left out (it changes every step).
-fn without_verified(mut s: MachineSnapshot) -> MachineSnapshot {
-    s.verified = 0;
-    s
-}
-
 impl Coordinator {
     /// Queues a store write (dropped, with an error logged, when the queue is full).
     pub(super) fn store_write(&self, op: StoreOp) {
@@ -127,12 +121,14 @@ impl Coordinator {
         let Some(job) = st.jobs.get_mut(&n) else {
             return;
         };
-        let snap = job.machine.snapshot();
-        let key = without_verified(snap.clone());
-        if job.persisted.as_ref() == Some(&key) {
+        // Called after every event: the key is a few integers, the snapshot is built only
+        // when something worth saving changed.
+        let key = job.machine.snapshot_key();
+        if job.persisted == Some(key) {
             return;
         }
         job.persisted = Some(key);
+        let snap = job.machine.snapshot();
         let status = job.status.borrow().encode_to_vec();
         let r = &job.request;
         let record = JobRecord {

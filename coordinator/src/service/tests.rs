@@ -1,10 +1,12 @@
 //! Tests of the coordinator shell: effects reach workers, reports drive the machine.
 
 use super::*;
+use futures::StreamExt;
 use ringtrain_proto::v1::{
     checkpoint_part, worker_report, CheckpointData, CheckpointHeader, CheckpointPart, StepReport,
     WorkerReport,
 };
+use ringtrain_proto::v1::{AttachRequest, Shutdown};
 
 fn step(job: &str, rank: u32, worker: &str, hash: u64) -> WorkerReport {
     WorkerReport {
