@@ -27,6 +27,12 @@ use tonic_health::pb::HealthCheckRequest;
 
 const WORKER: &str = "ringtrain-worker";
 const COORDINATOR: &str = "ringtrain-coordinator";
+/// Epochs of the job that measures the cluster's speed.
+const CALIBRATION_EPOCHS: u32 = 4;
+/// Seconds the job would take at the measured speed: the events need about a minute
+/// (the partition alone waits out a 20 s collective deadline); the rest is margin for a
+/// machine that speeds up once other work on it ends.
+const JOB_SECS: f64 = 240.0;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -277,7 +283,7 @@ loss = "sparse_categorical_crossentropy"
 metrics = ["accuracy"]
 
 [checkpoint]
-every_steps = 500
+every_steps = 2000
 keep = 2
 
 [fault]
@@ -285,7 +291,7 @@ max_wait_secs = 120
 max_restarts = 20
 "#
     );
-    let path = dir.join("compose-e2e.toml");
+    let path = dir.join(format!("compose-e2e-{epochs}.toml"));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -343,10 +349,24 @@ fn a_compose_cluster_survives_scaling_a_kill_and_a_partition() {
         });
     }
 
+    // How fast this cluster trains right now (a small MLP on a shared machine: anywhere
+    // from a few hundred to thousands of steps a second), so the job below lasts about
+    // JOB_SECS whatever the machine's load: long enough for every event, not much longer.
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), 40);
-    let id = submit(&coordinator, &[job.to_str().unwrap()]);
     let minute = Duration::from_secs(60);
+    let probe = write_job(dir.path(), CALIBRATION_EPOCHS);
+    let clock = Instant::now();
+    let probe_id = submit(&coordinator, &[probe.to_str().unwrap()]);
+    let probe_done = wait_job(&coordinator, &probe_id, minute * 5, "calibration", |s| {
+        s["state"] == "completed"
+    });
+    let steps_per_sec = steps(&probe_done) as f64 / clock.elapsed().as_secs_f64();
+    let steps_per_epoch = steps(&probe_done) / u64::from(CALIBRATION_EPOCHS);
+    let epochs = ((JOB_SECS * steps_per_sec) / steps_per_epoch as f64).ceil() as u32;
+    eprintln!("calibration: {steps_per_sec:.0} steps/s; the job runs {epochs} epochs");
+
+    let job = write_job(dir.path(), epochs.max(CALIBRATION_EPOCHS));
+    let id = submit(&coordinator, &[job.to_str().unwrap()]);
     let s = wait_job(&coordinator, &id, minute, "3 workers training", |s| {
         s["state"] == "running" && s["workers"] == 3 && steps(s) >= 20
     });
@@ -386,7 +406,7 @@ fn a_compose_cluster_survives_scaling_a_kill_and_a_partition() {
     assert_eq!(workers.len(), 3, "{workers:?}");
     docker(&["kill", &workers[0]]);
     last = steps(&s);
-    let s = wait_job(&coordinator, &id, minute, "2 workers after the kill", |s| {
+    wait_job(&coordinator, &id, minute, "2 workers after the kill", |s| {
         s["state"] == "running" && s["workers"] == 2 && count(s, "lost") == 1 && steps(s) > last
     });
 
@@ -406,7 +426,7 @@ fn a_compose_cluster_survives_scaling_a_kill_and_a_partition() {
     // compose, which starts it again; one more is created.
     project.scale_workers(4);
     let s = wait_job(&coordinator, &id, minute, "training again", |s| {
-        s["state"] == "running" && s["workers"] >= 2 && count(s, "lost") == 2
+        s["state"] == "running" && s["workers"].as_u64() >= Some(2) && count(s, "lost") == 2
     });
     assert!(
         s["steps"] != s["total_steps"],
