@@ -347,7 +347,7 @@ mod tests {
             fs::read(dir.path().join("datasets/sha256").join(&h.sha256)).unwrap(),
             bytes
         );
-        assert_eq!(entries(&store), [h.sha256.clone()]);
+        assert_eq!(entries(&store), vec![h.sha256.clone()]);
         let again = store.lookup(&h.sha256).unwrap().unwrap();
         assert_eq!((again.size, again.received), (bytes.len() as u64, 0));
     }
