@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ringtrain_coordinator::client::{self, is_terminal, DEFAULT_COORDINATOR};
 use ringtrain_coordinator::local::{run_local, LocalOptions};
+use ringtrain_coordinator::upload;
 use ringtrain_coordinator::watch::HistoryKeeper;
 use ringtrain_coordinator::{DataPlane, ServerConfig};
 use ringtrain_proto::v1::{JobRequest, ListRequest};
@@ -102,6 +103,16 @@ enum Command {
         /// about this long after the leader dies.
         #[arg(long, env = "RINGTRAIN_LEADER_TTL_SECS", default_value_t = 5)]
         leader_ttl_secs: u64,
+        /// Largest dataset file a client may upload with `submit` (bytes, or with a unit:
+        /// 512MiB, 4GiB). Uploads land in DATA_DIR/datasets/sha256/.
+        #[arg(
+            long,
+            env = "RINGTRAIN_MAX_UPLOAD_BYTES",
+            default_value = "4GiB",
+            value_parser = ringtrain_coordinator::config::parse_byte_size,
+            value_name = "SIZE"
+        )]
+        max_upload_bytes: u64,
     },
     /// Run a worker that attaches to a coordinator.
     Worker {
@@ -138,6 +149,11 @@ enum Command {
         /// it, and only upwards.
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// Send dataset paths as they are instead of uploading the files: for a
+        /// coordinator on this host that reads them itself. (Paths written
+        /// `coordinator:PATH` are never uploaded.)
+        #[arg(long)]
+        no_upload: bool,
         /// The job file (optional with --resume).
         #[arg(required_unless_present = "resume")]
         job: Option<PathBuf>,
@@ -445,6 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             etcd,
             etcd_prefix,
             leader_ttl_secs,
+            max_upload_bytes,
         } => {
             init_tracing("info");
             let store = serve_store(etcd.as_deref(), etcd_prefix, leader_ttl_secs).await?;
@@ -460,6 +477,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 collective_timeout: Duration::from_secs(collective_timeout_secs),
                 data_plane,
                 store,
+                max_upload_bytes,
                 ..ServerConfig::default()
             };
             ringtrain_coordinator::server::run(config, listener, shutdown_token()).await?;
@@ -492,15 +510,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             workers,
             out,
             resume,
+            no_upload,
             job,
         } => {
             init_tracing("warn");
-            let req =
+            let mut req =
                 client::submit_request(job.as_deref(), out.as_deref(), workers, resume.as_deref())?;
             let mut c = client::connect(&cli.coordinator).await?;
+            let uploads = if no_upload {
+                Vec::new()
+            } else {
+                upload::upload_datasets(&mut c, &mut req, |u| {
+                    if !json {
+                        progress::print_upload(u);
+                    }
+                })
+                .await?
+            };
             let id = c.submit(req).await.map_err(status_err)?.into_inner().job_id;
             if json {
-                println!("{}", serde_json::json!({ "job_id": id }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "job_id": id, "uploads": uploads })
+                );
             } else {
                 println!("{id}");
             }

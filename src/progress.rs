@@ -238,6 +238,21 @@ pub fn print_jobs(jobs: &[JobStatus], json: bool) {
     }
 }
 
+/// One line on stderr per dataset file a submit handled (stdout keeps only the job id,
+/// for scripts).
+pub fn print_upload(u: &ringtrain_coordinator::upload::Uploaded) {
+    let size = ringtrain_coordinator::config::format_bytes(u.bytes);
+    let short = u.sha256.get(..12).unwrap_or(&u.sha256);
+    if u.already_on_coordinator {
+        eprintln!(
+            "{}: {} ({size}, sha256 {short}…) already on the coordinator, not sent",
+            u.field, u.path
+        );
+    } else {
+        eprintln!("{}: uploaded {} ({size}, sha256 {short}…)", u.field, u.path);
+    }
+}
+
 /// 0 when the job completed, 1 otherwise.
 pub fn exit_code(s: &JobStatus) -> ExitCode {
     if s.state == "completed" {

@@ -37,7 +37,8 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>, Coordinator
 /// Builds the submit request for a job file and/or a run to continue.
 ///
 /// A job file is read and checked locally (so a typo fails before anything starts), its
-/// relative paths to resolve against its directory. `resume` names a run directory on
+/// relative paths to resolve against its directory. Its dataset files are not uploaded
+/// here: [`crate::upload::upload_datasets`] does that for a remote coordinator. `resume` names a run directory on
 /// the coordinator's host to continue from its newest checkpoint that verifies; the job
 /// file is then optional (without one, the coordinator uses the one saved in the run
 /// directory, and with one, only `epochs` may differ from it). `out_dir` does not go
@@ -100,7 +101,12 @@ pub fn submit_request(
     if let Some(w) = workers {
         file.workers = ringtrain_core::job_file::Workers::Exactly(w);
     }
-    file.validate(&source, &base)?;
+    // On this host only this host's files can be checked; `coordinator:` paths are
+    // checked by the coordinator.
+    file.validate(
+        &source,
+        &ringtrain_core::data_path::DataRoots::client(&base),
+    )?;
     let out_dir = match out_dir {
         Some(p) => std::path::absolute(p)
             .map_err(CoordinatorError::io(format!("resolving {}", p.display())))?
@@ -116,6 +122,7 @@ pub fn submit_request(
         workers: workers.unwrap_or(0),
         max_steps: 0,
         resume_dir,
+        uploaded: Vec::new(),
     })
 }
 

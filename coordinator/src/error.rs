@@ -29,6 +29,12 @@ pub enum CoordinatorError {
     /// A request that does not fit the job's or worker's current state.
     #[error("{0}")]
     Precondition(String),
+    /// A request over a configured limit (an upload larger than `--max-upload-bytes`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A request that ended before it was complete (an upload stream cut short).
+    #[error("{0}")]
+    Aborted(String),
     /// Storage failed.
     #[error("{context}: {source}")]
     Io {

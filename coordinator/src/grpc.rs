@@ -7,9 +7,9 @@ use std::sync::Arc;
 use futures::Stream;
 use ringtrain_proto::v1::{
     job_service_server::JobService, worker_control_server::WorkerControl, AttachRequest,
-    CheckpointAck, CheckpointPart, CheckpointRequest, ControlMessage, JobRequest, JobStatus,
-    ListRequest, ListResponse, ReportAck, ShardChunk, ShardRequest, SubmitRequest, SubmitResponse,
-    WorkerReport,
+    CheckpointAck, CheckpointPart, CheckpointRequest, ControlMessage, DataChunk, DataHeader,
+    DataRef, JobRequest, JobStatus, ListRequest, ListResponse, ReportAck, ShardChunk, ShardRequest,
+    SubmitRequest, SubmitResponse, WorkerReport,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -31,6 +31,8 @@ pub fn to_status(e: CoordinatorError) -> Status {
         CoordinatorError::UnknownJob(_) => Status::not_found(msg),
         CoordinatorError::BadRequest(_) => Status::invalid_argument(msg),
         CoordinatorError::Precondition(_) => Status::failed_precondition(msg),
+        CoordinatorError::TooLarge(_) => Status::resource_exhausted(msg),
+        CoordinatorError::Aborted(_) => Status::aborted(msg),
         CoordinatorError::Checkpoint(c) => match c {
             CheckpointError::Corrupt { .. } => Status::data_loss(msg),
             CheckpointError::Invalid(_) => Status::invalid_argument(msg),
@@ -109,6 +111,25 @@ impl JobService for CoordinatorApi {
         Ok(Response::new(ListResponse {
             jobs: self.core.list(),
         }))
+    }
+
+    async fn has_data(&self, request: Request<DataHeader>) -> Result<Response<DataRef>, Status> {
+        self.core
+            .has_data(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn upload_data(
+        &self,
+        request: Request<Streaming<DataChunk>>,
+    ) -> Result<Response<DataRef>, Status> {
+        self.core
+            .upload_data(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 }
 

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`dataset`]: datasets (synthetic, IDX, CSV, NPY) and normalization; [`csv_table`] and
 //!   [`npy`] read the files with errors that name the place.
+//! - [`data_store`]: uploaded dataset files, content-addressed under the data dir.
 //! - [`job_machine`]: the job state machine and the replica check (pure: events in,
 //!   effects out).
 //! - [`service`]: the [`Coordinator`] core: jobs, workers, scheduling, reports.
@@ -12,7 +13,8 @@
 //!   that lets only the leader serve.
 //! - [`store`]: durable state (jobs, checkpoint index, worker leases, the leader lease) in
 //!   etcd or in memory, behind one [`store::Store`] trait.
-//! - [`client`]: a client for the CLI; [`local`]: the embedded single-machine cluster.
+//! - [`client`]: a client for the CLI, and [`upload`], its side of dataset uploads;
+//!   [`local`]: the embedded single-machine cluster.
 //! - [`model_input`]: the rows `predict` and `evaluate` read.
 //!
 //! The job file, the checkpoint format and the rest of the shared vocabulary live in
@@ -23,6 +25,7 @@
 pub mod client;
 pub mod config;
 pub mod csv_table;
+pub mod data_store;
 pub mod dataset;
 pub mod error;
 pub mod grpc;
@@ -33,6 +36,7 @@ pub mod npy;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod upload;
 pub mod watch;
 
 pub use config::{DataPlane, ServerConfig};

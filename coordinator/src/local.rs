@@ -337,6 +337,7 @@ mod tests {
             base_dir: "/".into(),
             workers: 2,
             max_steps: 0,
+            uploaded: Vec::new(),
         };
         std::fs::write(
             dir.path().join("job.json"),

@@ -9,6 +9,7 @@ use crate::optimizer::{OptimizerConfig, Schedule};
 use crate::plan::{EarlyStopping, TrainingPlan};
 use serde::{Deserialize, Serialize};
 
+use crate::data_path::{self, DataBinding, DataRoots, Located, COORDINATOR_PREFIX};
 use crate::error::SpecError;
 
 /// A whole job file.
@@ -232,6 +233,19 @@ impl DataSource {
         }
     }
 
+    /// The path under `key` (`images`, `path`, ...), when this source has one.
+    fn path_mut(&mut self, key: &str) -> Option<&mut PathBuf> {
+        match (self, key) {
+            (DataSource::Idx { images, .. }, "images") => Some(images),
+            (DataSource::Idx { labels, .. } | DataSource::Npy { labels, .. }, "labels") => {
+                Some(labels)
+            }
+            (DataSource::Csv { path, .. }, "path") => Some(path),
+            (DataSource::Npy { features, .. }, "features") => Some(features),
+            _ => None,
+        }
+    }
+
     fn paths(&self) -> Vec<(&'static str, &PathBuf)> {
         match self {
             DataSource::Synthetic { .. } => Vec::new(),
@@ -395,8 +409,9 @@ impl JobFile {
     }
 
     /// Checks everything that can be checked without reading the data, and that dataset
-    /// files exist (resolved against `base`).
-    pub fn validate(&self, source: &str, base: &Path) -> Result<(), SpecError> {
+    /// files exist (located through `roots`: on a client, `coordinator:` paths are not
+    /// checked).
+    pub fn validate(&self, source: &str, roots: &DataRoots<'_>) -> Result<(), SpecError> {
         let err = |field: &str, message: String| SpecError {
             file: source.to_string(),
             field: field.to_string(),
@@ -557,37 +572,103 @@ impl JobFile {
                 }
             }
             for (key, p) in src.paths() {
-                let full = base.join(p);
-                if !full.is_file() {
-                    return Err(err(
-                        &format!("{field}.{key}"),
-                        format!(
-                            "file not found: {} (paths resolve relative to the job file's directory)",
-                            full.display()
-                        ),
-                    ));
+                if let Located::Here(full) = roots.locate(p) {
+                    if !full.is_file() {
+                        return Err(err(&format!("{field}.{key}"), roots.missing(p, &full)));
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// The job file with every dataset path made absolute against `base`, so the spec
-    /// means the same wherever it is read later.
-    pub fn resolved(mut self, base: &Path) -> JobFile {
-        let fix = |src: &mut DataSource| {
+    /// The job file with every dataset path made absolute through `roots`, so the spec
+    /// means the same wherever it is read later (a `coordinator:` path seen from a
+    /// client stays as written).
+    pub fn resolved(mut self, roots: &DataRoots<'_>) -> JobFile {
+        for (_, src) in self.sources_mut() {
             for p in src.paths_mut() {
-                *p = base.join(&*p);
+                if let Located::Here(full) = roots.locate(p) {
+                    *p = full;
+                }
             }
-        };
-        fix(&mut self.data.train);
-        if let Some(v) = self.data.validation.as_mut() {
-            fix(v);
-        }
-        if let Some(t) = self.data.test.as_mut() {
-            fix(t);
         }
         self
+    }
+
+    /// Every dataset file the job names, with its field as errors name it
+    /// (`data.train.images`), in the job file's order.
+    pub fn dataset_files(&self) -> Vec<(String, &Path)> {
+        let sources = [
+            ("data.train", Some(&self.data.train)),
+            ("data.validation", self.data.validation.as_ref()),
+            ("data.test", self.data.test.as_ref()),
+        ];
+        sources
+            .into_iter()
+            .filter_map(|(field, src)| Some((field, src?)))
+            .flat_map(|(field, src)| {
+                src.paths()
+                    .into_iter()
+                    .map(move |(key, p)| (format!("{field}.{key}"), p.as_path()))
+            })
+            .collect()
+    }
+
+    /// Points each bound field at its uploaded file in the coordinator's store
+    /// (`coordinator:datasets/sha256/<hex>`). A binding that names no dataset file of
+    /// this job, or a malformed digest, is refused naming it.
+    pub fn bind_uploads(
+        &mut self,
+        bindings: &[DataBinding],
+        source: &str,
+    ) -> Result<(), SpecError> {
+        for b in bindings {
+            let err = |message: String| SpecError {
+                file: source.to_string(),
+                field: b.field.clone(),
+                message,
+            };
+            if !data_path::is_sha256_hex(&b.sha256) {
+                return Err(err(format!(
+                    "the upload bound to it has sha256 {:?}, which is not 64 lowercase hex \
+                     digits (a client bug: upload the file with UploadData and send the \
+                     digest it returns)",
+                    b.sha256
+                )));
+            }
+            let target = PathBuf::from(format!(
+                "{COORDINATOR_PREFIX}{}",
+                data_path::object_path(&b.sha256).display()
+            ));
+            let slot = self.sources_mut().into_iter().find_map(|(field, src)| {
+                let key = b.field.strip_prefix(field)?.strip_prefix('.')?;
+                src.path_mut(key)
+            });
+            match slot {
+                Some(p) => *p = target,
+                None => {
+                    return Err(err(
+                        "an upload is bound to it, but the job file has no such dataset file \
+                         (bind only the fields listed by data.train, data.validation and \
+                         data.test)"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sources_mut(&mut self) -> Vec<(&'static str, &mut DataSource)> {
+        let mut out = vec![("data.train", &mut self.data.train)];
+        if let Some(v) = self.data.validation.as_mut() {
+            out.push(("data.validation", v));
+        }
+        if let Some(t) = self.data.test.as_mut() {
+            out.push(("data.test", t));
+        }
+        out
     }
 }
 
@@ -608,12 +689,17 @@ pub struct SavedSubmit {
     pub workers: u32,
     /// The step limit (0: none).
     pub max_steps: u64,
+    /// Dataset fields bound to uploaded files (see [`JobFile::bind_uploads`]); empty for
+    /// a job whose files were read where the job file names them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uploaded: Vec<DataBinding>,
 }
 
 /// Checks that `new` may continue the run in `run_dir`, which was started with `saved`:
 /// every field must be equal except `epochs`, which may grow. Compare resolved job files
-/// ([`JobFile::resolved`]), so the same dataset named relative to another directory is
-/// still the same. The error names the first differing field of `new` (in `source`) with
+/// with their uploads bound ([`JobFile::bind_uploads`], [`JobFile::resolved`]), so the
+/// same dataset named relative to another directory is still the same, and an uploaded
+/// one compares by its content's digest, wherever it was uploaded from. The error names the first differing field of `new` (in `source`) with
 /// both values.
 pub fn check_resume(
     saved: &JobFile,
@@ -790,7 +876,8 @@ mod tests {
         assert_eq!(j.epochs, 10);
         assert_eq!(j.model.layers.len(), 3);
         assert_eq!(j.checkpoint.every_steps, 500);
-        j.validate("seed-mlp.toml", Path::new(".")).unwrap();
+        j.validate("seed-mlp.toml", &DataRoots::client(Path::new(".")))
+            .unwrap();
     }
 
     #[test]
@@ -846,7 +933,7 @@ loss = "sparse_categorical_crossentropy"
 "#;
         let j = JobFile::parse(text, "job.toml").unwrap();
         let e = j
-            .validate("job.toml", Path::new("/tmp"))
+            .validate("job.toml", &DataRoots::client(Path::new("/tmp")))
             .unwrap_err()
             .to_string();
         assert!(
@@ -964,7 +1051,7 @@ loss = "sparse_categorical_crossentropy"
 
     fn seed_with(edit: impl FnOnce(String) -> String) -> Result<(), SpecError> {
         let j = JobFile::parse(&edit(SEED.to_string()), "job.toml")?;
-        j.validate("job.toml", Path::new("."))
+        j.validate("job.toml", &DataRoots::client(Path::new(".")))
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!   field and the fix); [`model`], [`loss`], [`optimizer`]: the parts of it a worker
 //!   needs too (architecture and parameter layout, loss and metric names, optimizer
 //!   settings and schedules).
+//! - [`data_path`]: where dataset paths are read: the submitting host, the coordinator's
+//!   volume (`coordinator:` paths), or its store of uploaded files.
 //! - [`plan`]: the training plan a worker receives with its assignment.
 //! - [`sharding`]: how epochs split into global batches and batches across ranks;
 //!   [`rng`]: the stable random stream everything seeded draws from.
@@ -19,6 +21,7 @@
 //! - [`error`]: the typed errors.
 
 pub mod checkpoint;
+pub mod data_path;
 pub mod error;
 pub mod ids;
 pub mod job_file;

@@ -16,7 +16,8 @@
 //! - [`outputs`]: the files a run leaves (metrics.jsonl, model.json, model.safetensors);
 //! - [`workers`]: attach and detach;
 //! - [`restore`]: writes to the store and the restore after a restart; [`resume`]:
-//!   `--resume RUN_DIR`.
+//!   `--resume RUN_DIR`;
+//! - [`uploads`]: dataset files uploaded before a submit (`UploadData`, `HasData`).
 //!
 //! [`job_machine::Event`]: crate::job_machine::Event
 
@@ -25,6 +26,7 @@ mod outputs;
 mod reports;
 mod restore;
 mod resume;
+mod uploads;
 mod workers;
 
 use job_data::load_data;
@@ -56,6 +58,7 @@ use crate::job_file::{JobFile, PlanData};
 use crate::job_machine::{
     Effect, Event, JobMachine, JobState, LossPolicy, MachineConfig, StartKind,
 };
+use ringtrain_core::data_path::DataRoots;
 
 /// Control messages buffered per worker. A worker reads its stream continuously, so a
 /// full buffer means it is stuck: it is dropped rather than sent to silently.
@@ -557,11 +560,16 @@ impl Coordinator {
         if req.workers > 0 {
             file.workers = crate::job_file::Workers::Exactly(req.workers);
         }
+        file.bind_uploads(&uploads::bindings(&req.uploaded), &source)?;
+        let roots = DataRoots {
+            base: &base,
+            coordinator: Some(&self.config.data_dir),
+        };
         if load {
-            file.validate(&source, &base)?;
+            file.validate(&source, &roots)?;
             file.check_fits(&source, self.config.max_model_bytes)?;
         }
-        let file = file.resolved(&base);
+        let file = file.resolved(&roots);
         let data = if load {
             let f = file.clone();
             let src = source.clone();
@@ -614,9 +622,11 @@ impl Coordinator {
         } else {
             let r = req.clone();
             let limit = self.config.max_model_bytes;
-            let plan = tokio::task::spawn_blocking(move || resume::plan_resume(&r, limit))
-                .await
-                .map_err(|e| CoordinatorError::Transport(e.to_string()))??;
+            let data_dir = self.config.data_dir.clone();
+            let plan =
+                tokio::task::spawn_blocking(move || resume::plan_resume(&r, limit, &data_dir))
+                    .await
+                    .map_err(|e| CoordinatorError::Transport(e.to_string()))??;
             for s in &plan.skipped {
                 warn!(run = %plan.run_dir.display(), problem = %s, "skipped a checkpoint that does not verify");
             }
@@ -631,6 +641,7 @@ impl Coordinator {
                 workers: plan.workers,
                 max_steps: plan.max_steps,
                 resume_dir: req.resume_dir.clone(),
+                uploaded: uploads::to_proto(&plan.uploaded),
             },
             None => req,
         };
@@ -667,11 +678,14 @@ impl Coordinator {
                 base.display().to_string(),
                 req.workers,
                 req.max_steps,
+                uploads::bindings(&req.uploaded),
             );
             let plan = resume.clone();
             tokio::task::spawn_blocking(move || match plan {
                 Some(p) => resume::begin_resume(&p),
-                None => resume::save_job_file(&dir, &saved.0, &saved.1, &saved.2, saved.3, saved.4),
+                None => resume::save_job_file(
+                    &dir, &saved.0, &saved.1, &saved.2, saved.3, saved.4, &saved.5,
+                ),
             })
             .await
             .map_err(|e| CoordinatorError::Transport(e.to_string()))??;

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use prost::Message;
+use ringtrain_core::data_path::DataBinding;
 use ringtrain_core::JobId;
 use ringtrain_proto::v1::{JobStatus, SubmitRequest};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,9 @@ struct JobRecord {
     out_dir: String,
     workers: u32,
     max_steps: u64,
+    /// Dataset fields bound to uploaded files (absent in records from before uploads).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    uploaded: Vec<DataBinding>,
     machine: MachineSnapshot,
     /// The status as the API shows it (protobuf bytes, hex): history, metrics, steps.
     status: String,
@@ -140,6 +144,7 @@ impl Coordinator {
             out_dir: job.out_dir.display().to_string(),
             workers: r.workers,
             max_steps: r.max_steps,
+            uploaded: super::uploads::bindings(&r.uploaded),
             machine: snap,
             status: hex(&status),
         };
@@ -224,6 +229,7 @@ impl Coordinator {
             workers: record.workers,
             max_steps: record.max_steps,
             resume_dir: String::new(),
+            uploaded: super::uploads::to_proto(&record.uploaded),
         };
         let live = !record.machine.state.is_terminal();
         let Prepared {

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use ringtrain_proto::v1::{EpochSummary, SubmitRequest};
 use tracing::warn;
 
+use ringtrain_core::data_path::{DataBinding, DataRoots};
+
 use crate::checkpoint::CheckpointStore;
 use crate::error::CoordinatorError;
 use crate::job_file::{
@@ -47,6 +49,9 @@ pub(crate) struct ResumePlan {
     pub workers: u32,
     /// The step limit (0: none).
     pub max_steps: u64,
+    /// Dataset fields bound to uploaded files: the resume's own when it came with a job
+    /// file, else the run's.
+    pub uploaded: Vec<DataBinding>,
     /// The run directory, written on into.
     pub run_dir: PathBuf,
     /// The checkpoint resumed from.
@@ -95,7 +100,8 @@ fn write_saved(
 }
 
 /// Saves a newly submitted job's file into its run directory (`job.toml`, its text byte
-/// for byte, and `job.json`), so `--resume` can read it again. Refuses a directory that
+/// for byte, and `job.json`, with the fields bound to uploads), so `--resume` can read it
+/// again. Refuses a directory that
 /// already holds a run's job file: that run is continued with `--resume`, never
 /// overwritten (a resume that changed the job file uses [`save_resumed_job_file`]).
 pub(crate) fn save_job_file(
@@ -105,6 +111,7 @@ pub(crate) fn save_job_file(
     base_dir: &str,
     workers: u32,
     max_steps: u64,
+    uploaded: &[DataBinding],
 ) -> Result<(), CoordinatorError> {
     // Run directories are named per job, so this guards against a user's `--out` naming
     // an earlier run, not against a race between two submits.
@@ -124,19 +131,18 @@ pub(crate) fn save_job_file(
             base_dir: base_dir.to_string(),
             workers,
             max_steps,
+            uploaded: uploaded.to_vec(),
         },
     )
 }
 
 /// Replaces the run directory's saved job file with the one a resume runs with, when it
-/// differs (only in `epochs`, as [`plan_resume`] checked), so a later `--resume` without
-/// a job file trains to the new epoch count. Nothing is written when the resume used the
-/// saved job file.
+/// differs (only in `epochs`, as [`plan_resume`] checked, or in where its uploaded data
+/// came from), so a later `--resume` without a job file trains to the new epoch count.
+/// Nothing is written when the resume used the saved job file.
 pub(crate) fn save_resumed_job_file(plan: &ResumePlan) -> Result<(), CoordinatorError> {
-    let path = plan.run_dir.join(SAVED_JOB_FILE);
-    let saved = fs::read_to_string(&path)
-        .map_err(CoordinatorError::io(format!("reading {}", path.display())))?;
-    if saved == plan.spec_toml {
+    let (saved, saved_submit) = read_saved(&plan.run_dir)?;
+    if saved == plan.spec_toml && saved_submit.uploaded == plan.uploaded {
         return Ok(());
     }
     write_saved(
@@ -147,6 +153,7 @@ pub(crate) fn save_resumed_job_file(plan: &ResumePlan) -> Result<(), Coordinator
             base_dir: plan.base_dir.clone(),
             workers: plan.workers,
             max_steps: plan.max_steps,
+            uploaded: plan.uploaded.clone(),
         },
     )
 }
@@ -213,10 +220,12 @@ fn read_saved(run_dir: &Path) -> Result<(String, SavedSubmit), CoordinatorError>
 /// checked against the saved one, or the saved one), the newest checkpoint that verifies
 /// (newer ones that do not are skipped, each with its reason), and the metrics history up
 /// to it. Reads and writes nothing else; [`begin_resume`] prepares the directory once
-/// the resume is accepted.
+/// the resume is accepted. `data_dir` is the coordinator's, which `coordinator:` paths
+/// and uploaded files resolve against.
 pub(crate) fn plan_resume(
     req: &SubmitRequest,
     max_model_bytes: u64,
+    data_dir: &Path,
 ) -> Result<ResumePlan, CoordinatorError> {
     if req.resume_dir.is_empty() {
         return Err(CoordinatorError::BadRequest(
@@ -227,9 +236,16 @@ pub(crate) fn plan_resume(
     let shown = run_dir.display().to_string();
     let (saved_text, saved) = read_saved(&run_dir)?;
     let saved_source = run_dir.join(SAVED_JOB_FILE).display().to_string();
-    let saved_file = JobFile::parse(&saved_text, &saved_source)?;
-    let (spec_toml, source, base_dir, mut file) = if req.spec_toml.is_empty() {
-        (saved_text, saved_source, saved.base_dir.clone(), saved_file)
+    let mut saved_file = JobFile::parse(&saved_text, &saved_source)?;
+    saved_file.bind_uploads(&saved.uploaded, &saved_source)?;
+    let (spec_toml, source, base_dir, uploaded, mut file) = if req.spec_toml.is_empty() {
+        (
+            saved_text,
+            saved_source,
+            saved.base_dir.clone(),
+            saved.uploaded.clone(),
+            saved_file,
+        )
     } else {
         let source = if req.source.is_empty() {
             "job".to_string()
@@ -241,16 +257,27 @@ pub(crate) fn plan_resume(
         } else {
             req.base_dir.clone()
         };
-        let new = JobFile::parse(&req.spec_toml, &source)?;
-        // Compared with dataset paths resolved, so the same files named from another
-        // directory are still the same job.
+        let uploaded = super::uploads::bindings(&req.uploaded);
+        let mut new = JobFile::parse(&req.spec_toml, &source)?;
+        new.bind_uploads(&uploaded, &source)?;
+        // Compared with dataset paths resolved and uploads bound, so the same files named
+        // from another directory, or the same bytes uploaded from another host, are still
+        // the same job.
+        let was = DataRoots {
+            base: Path::new(&saved.base_dir),
+            coordinator: Some(data_dir),
+        };
+        let now = DataRoots {
+            base: Path::new(&base_dir),
+            ..was
+        };
         check_resume(
-            &saved_file.resolved(Path::new(&saved.base_dir)),
-            &new.clone().resolved(Path::new(&base_dir)),
+            &saved_file.resolved(&was),
+            &new.clone().resolved(&now),
             &source,
             &shown,
         )?;
-        (req.spec_toml.clone(), source, base_dir, new)
+        (req.spec_toml.clone(), source, base_dir, uploaded, new)
     };
     // A `--workers` given with the resume wins over the one the run was submitted with;
     // checkpoints hold the global position in the epoch, so the count may change.
@@ -267,7 +294,13 @@ pub(crate) fn plan_resume(
     } else {
         saved.max_steps
     };
-    file.validate(&source, Path::new(&base_dir))?;
+    file.validate(
+        &source,
+        &DataRoots {
+            base: Path::new(&base_dir),
+            coordinator: Some(data_dir),
+        },
+    )?;
     file.check_fits(&source, max_model_bytes)?;
 
     let store = CheckpointStore::new(run_dir.join(CHECKPOINTS_DIR), file.checkpoint.keep);
@@ -323,6 +356,7 @@ pub(crate) fn plan_resume(
         base_dir,
         workers,
         max_steps,
+        uploaded,
         checkpoint_path: checkpoint.path.clone(),
         checkpoint_step: meta.step,
         checkpoint_generation: meta.generation,
@@ -493,7 +527,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let run = tmp.path().join("runs").join("t-j-1");
         let base = tmp.path().display().to_string();
-        save_job_file(&run, &job_text(3), "jobs/t.toml", &base, 0, 0).unwrap();
+        save_job_file(&run, &job_text(3), "jobs/t.toml", &base, 0, 0, &[]).unwrap();
         let file = JobFile::parse(&job_text(3), "t.toml").unwrap();
         let store = CheckpointStore::new(run.join(CHECKPOINTS_DIR), file.checkpoint.keep);
         for &step in steps {
@@ -578,7 +612,7 @@ mod tests {
     #[test]
     fn resumes_from_the_newest_checkpoint_with_the_saved_job_file() {
         let (_tmp, run) = run_dir(&[4, 12, 20], 2);
-        let plan = plan_resume(&request(&run, ""), BIG).unwrap();
+        let plan = plan_resume(&request(&run, ""), BIG, Path::new(".")).unwrap();
         assert_eq!(plan.spec_toml, job_text(3));
         assert_eq!(plan.source, run.join("job.toml").display().to_string());
         assert_eq!(
@@ -609,7 +643,7 @@ mod tests {
         // resume goes back to step 12 (in epoch 2) and epoch 2 is trained again.
         let (_tmp, run) = run_dir(&[4, 12, 16], 2);
         flip_last_byte(&run.join("checkpoints/step-0000000016/state.safetensors"));
-        let plan = plan_resume(&request(&run, ""), BIG).unwrap();
+        let plan = plan_resume(&request(&run, ""), BIG, Path::new(".")).unwrap();
         assert_eq!((plan.checkpoint_step, plan.checkpoint_epochs), (12, 1));
         assert_eq!(plan.skipped.len(), 1);
         assert!(
@@ -645,7 +679,7 @@ mod tests {
     #[test]
     fn a_job_file_with_more_epochs_is_used_and_saved() {
         let (_tmp, run) = run_dir(&[4, 8], 1);
-        let plan = plan_resume(&request(&run, &job_text(5)), BIG).unwrap();
+        let plan = plan_resume(&request(&run, &job_text(5)), BIG, Path::new(".")).unwrap();
         assert_eq!(plan.spec_toml, job_text(5));
         assert_eq!(plan.source, "new.toml");
         begin_resume(&plan).unwrap();
@@ -657,7 +691,7 @@ mod tests {
             serde_json::from_slice(&fs::read(run.join("job.json")).unwrap()).unwrap();
         assert_eq!(saved.source, "new.toml");
         // A second resume without a job file now runs to 5 epochs.
-        let again = plan_resume(&request(&run, ""), BIG).unwrap();
+        let again = plan_resume(&request(&run, ""), BIG, Path::new(".")).unwrap();
         assert_eq!(again.spec_toml, job_text(5));
     }
 
@@ -666,7 +700,7 @@ mod tests {
         let (_tmp, run) = run_dir(&[4], 0);
         let changed = job_text(3).replace("dense = 2,", "dense = 3,");
         assert_ne!(changed, job_text(3));
-        let e = plan_resume(&request(&run, &changed), BIG)
+        let e = plan_resume(&request(&run, &changed), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(
@@ -675,7 +709,7 @@ mod tests {
             "{e}"
         );
         let fewer = job_text(2);
-        let e = plan_resume(&request(&run, &fewer), BIG)
+        let e = plan_resume(&request(&run, &fewer), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("new.toml: epochs: "), "{e}");
@@ -690,7 +724,7 @@ mod tests {
         CheckpointStore::new(run.join(CHECKPOINTS_DIR), 5)
             .write(&meta(&other, 4), &state(&other, 1.0))
             .unwrap();
-        let e = plan_resume(&request(&run, ""), BIG)
+        let e = plan_resume(&request(&run, ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(
@@ -704,7 +738,7 @@ mod tests {
     #[test]
     fn a_run_without_a_checkpoint_that_verifies_says_so() {
         let (_tmp, run) = run_dir(&[], 0);
-        let e = plan_resume(&request(&run, ""), BIG)
+        let e = plan_resume(&request(&run, ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(
@@ -715,7 +749,7 @@ mod tests {
         );
         let (_tmp, run) = run_dir(&[4], 0);
         flip_last_byte(&run.join("checkpoints/step-0000000004/state.safetensors"));
-        let e = plan_resume(&request(&run, ""), BIG)
+        let e = plan_resume(&request(&run, ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(
@@ -728,17 +762,17 @@ mod tests {
     #[test]
     fn a_finished_run_is_not_resumed_without_more_epochs() {
         let (_tmp, run) = run_dir(&[24], 3);
-        let e = plan_resume(&request(&run, ""), BIG)
+        let e = plan_resume(&request(&run, ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(e.contains("already trained 3 epochs"), "{e}");
-        plan_resume(&request(&run, &job_text(4)), BIG).unwrap();
+        plan_resume(&request(&run, &job_text(4)), BIG, Path::new(".")).unwrap();
     }
 
     #[test]
     fn a_directory_that_is_not_a_run_is_named() {
         let tmp = tempfile::tempdir().unwrap();
-        let e = plan_resume(&request(tmp.path(), ""), BIG)
+        let e = plan_resume(&request(tmp.path(), ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(
@@ -748,7 +782,7 @@ mod tests {
             "{e}"
         );
         fs::create_dir(tmp.path().join(CHECKPOINTS_DIR)).unwrap();
-        let e = plan_resume(&request(tmp.path(), ""), BIG)
+        let e = plan_resume(&request(tmp.path(), ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(
@@ -757,11 +791,11 @@ mod tests {
         );
         let (_run_tmp, run) = run_dir(&[4], 0);
         fs::remove_file(run.join(SAVED_SUBMIT_FILE)).unwrap();
-        let e = plan_resume(&request(&run, ""), BIG)
+        let e = plan_resume(&request(&run, ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(e.contains("has job.toml but no job.json"), "{e}");
-        let e = plan_resume(&request(&tmp.path().join("nope"), ""), BIG)
+        let e = plan_resume(&request(&tmp.path().join("nope"), ""), BIG, Path::new("."))
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope: no such directory"), "{e}");
@@ -770,7 +804,7 @@ mod tests {
     #[test]
     fn a_new_run_never_overwrites_a_saved_job_file() {
         let (_tmp, run) = run_dir(&[], 0);
-        let e = save_job_file(&run, &job_text(7), "other.toml", "/", 0, 0)
+        let e = save_job_file(&run, &job_text(7), "other.toml", "/", 0, 0, &[])
             .unwrap_err()
             .to_string();
         assert!(
@@ -798,5 +832,72 @@ mod tests {
         // Nothing to cut: the file is left as it is.
         trim_metrics(&run, 2).unwrap();
         trim_metrics(&run.join("missing"), 2).unwrap();
+    }
+
+    #[test]
+    fn a_resume_reads_uploaded_data_from_the_store_and_compares_it_by_digest() {
+        use sha2::{Digest, Sha256};
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let csv = "a,b,c,label\n1,2,3,0\n4,5,6,1\n";
+        let sha: String = Sha256::digest(csv)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let objects = data_dir.join("datasets/sha256");
+        fs::create_dir_all(&objects).unwrap();
+        fs::write(objects.join(&sha), csv).unwrap();
+        let synthetic =
+            r#"train = { format = "synthetic", samples = 64, features = 3, classes = 2 }"#;
+        let text = job_text(3).replace(
+            synthetic,
+            r#"train = { format = "csv", path = "laptop/d.csv" }"#,
+        );
+        assert_ne!(text, job_text(3));
+        let bound = vec![DataBinding {
+            field: "data.train.path".into(),
+            sha256: sha.clone(),
+        }];
+        // Submitted from a host whose directory the coordinator never sees.
+        let run = tmp.path().join("runs/t-j-1");
+        save_job_file(&run, &text, "t.toml", "/nonexistent-laptop", 0, 0, &bound).unwrap();
+        let file = JobFile::parse(&text, "t.toml").unwrap();
+        CheckpointStore::new(run.join(CHECKPOINTS_DIR), 5)
+            .write(&meta(&file, 8), &state(&file, 1.0))
+            .unwrap();
+
+        // Without a job file: the saved one, reading the stored copy.
+        let plan = plan_resume(&request(&run, ""), BIG, &data_dir).unwrap();
+        assert_eq!(
+            (plan.uploaded.clone(), plan.spec_toml.clone()),
+            (bound.clone(), text.clone())
+        );
+        // With the same bytes uploaded from elsewhere under another name: the same job.
+        let elsewhere = text.replace("laptop/d.csv", "other/name.csv");
+        let mut req = request(&run, &elsewhere);
+        req.uploaded = super::super::uploads::to_proto(&bound);
+        plan_resume(&req, BIG, &data_dir).unwrap();
+        // Other bytes: refused, naming the field and both digests.
+        let other = "0".repeat(64);
+        fs::write(objects.join(&other), csv).unwrap();
+        req.uploaded[0].sha256 = other.clone();
+        let e = plan_resume(&req, BIG, &data_dir).unwrap_err().to_string();
+        assert!(
+            e.contains("data.train.path") && e.contains(&sha) && e.contains(&other),
+            "{e}"
+        );
+        // The stored copy gone: the resume says what to do.
+        fs::remove_file(objects.join(&sha)).unwrap();
+        let e = plan_resume(&request(&run, ""), BIG, &data_dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.train.path")
+                && e.contains(&format!(
+                    "uploaded file with sha256 {sha} is not in the coordinator's store"
+                ))
+                && e.contains("submit again"),
+            "{e}"
+        );
     }
 }
