@@ -713,9 +713,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Binds `--metrics-listen` when it is set.
+/// Binds `--metrics-listen` when it is set; an empty value (an env var a manifest left
+/// blank) counts as unset.
 async fn bind_metrics(addr: Option<&str>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    match addr {
+    match addr.map(str::trim).filter(|a| !a.is_empty()) {
         Some(a) => Ok(Some(metrics_http::bind(a).await?)),
         None => Ok(None),
     }

@@ -116,7 +116,7 @@ fn scrape(addr: &str, python: bool) -> Page {
         "{head}"
     );
     let page = prom_text::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
-    for (family, _) in &page.types {
+    for family in page.types.keys() {
         assert!(
             body.contains(&format!("# HELP {family} ")),
             "{family} has no HELP:\n{body}"

@@ -8,8 +8,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// A sample's identity: metric name and its labels, sorted by name.
-pub type Key = (String, Vec<(String, String)>);
+/// A sample's labels, sorted by name.
+pub type Labels = Vec<(String, String)>;
+
+/// A sample's identity: metric name and its labels.
+pub type Key = (String, Labels);
 
 /// A page read strictly.
 #[derive(Debug, Default)]
@@ -243,7 +246,7 @@ fn check_histograms(page: &Page) -> Result<(), String> {
             continue;
         }
         // Series of the histogram: labels without `le` -> [(le, count)].
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
         for ((name, labels), v) in &page.samples {
             if *name != format!("{family}_bucket") {
                 continue;
