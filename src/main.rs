@@ -2,6 +2,7 @@
 //! entrypoint for both roles). Parses arguments, installs tracing, calls a library `run`.
 
 mod bench;
+mod metrics_http;
 mod model_cmds;
 mod plot;
 mod privacy_cmd;
@@ -113,6 +114,16 @@ enum Command {
             value_name = "SIZE"
         )]
         max_upload_bytes: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090); off when
+        /// unset.
+        ///
+        /// The coordinator exports gauges: ringtrain_jobs{state} (submitted, waiting,
+        /// running, completed, failed, cancelled), ringtrain_workers{state} (idle, busy),
+        /// ringtrain_generation{job,name} (jobs that have not ended) and ringtrain_leader
+        /// (1 while it leads). Port 0 picks a free port; the bound address is printed on
+        /// stdout as "metrics listening on ADDR".
+        #[arg(long, env = "RINGTRAIN_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Run a worker that attaches to a coordinator.
     Worker {
@@ -134,6 +145,16 @@ enum Command {
         /// Unix socket, which is several times faster than loopback TCP).
         #[arg(long, env = "RINGTRAIN_TCP_ONLY")]
         tcp_only: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090); off when
+        /// unset.
+        ///
+        /// The worker exports its own counters: ringtrain_steps_total,
+        /// ringtrain_samples_total (its rows of each batch), ringtrain_step_seconds
+        /// (histogram), ringtrain_allreduce_bytes_total, ringtrain_allreduce_seconds
+        /// (histogram) and ringtrain_generation (gauge). Port 0 picks a free port; the
+        /// bound address is printed on stdout as "metrics listening on ADDR".
+        #[arg(long, env = "RINGTRAIN_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Submit a job file to the coordinator, or continue a run (--resume).
     Submit {
@@ -462,6 +483,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             etcd_prefix,
             leader_ttl_secs,
             max_upload_bytes,
+            metrics_listen,
         } => {
             init_tracing("info");
             let store = serve_store(etcd.as_deref(), etcd_prefix, leader_ttl_secs).await?;
@@ -469,9 +491,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
+            let metrics = bind_metrics(metrics_listen.as_deref()).await?;
             tracing::info!(addr = %addr, data_dir = %data_dir.display(), "coordinator listening");
-            // One line on stdout, so scripts and tests that pass port 0 learn the port.
-            println!("listening on {addr}");
+            announce(addr, metrics.as_ref());
             let config = ServerConfig {
                 data_dir,
                 collective_timeout: Duration::from_secs(collective_timeout_secs),
@@ -480,7 +502,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_upload_bytes,
                 ..ServerConfig::default()
             };
-            ringtrain_coordinator::server::run(config, listener, shutdown_token()).await?;
+            let core = ringtrain_coordinator::Coordinator::new(config);
+            let gate = ringtrain_coordinator::server::Gate::standby();
+            let shutdown = shutdown_token();
+            let exporter = metrics.map(|listener| {
+                let (core, gate) = (core.clone(), gate.clone());
+                let render: metrics_http::Render = std::sync::Arc::new(move || {
+                    let mut g = core.gauges();
+                    g.leader = gate.state() == ringtrain_coordinator::server::GateState::Serving;
+                    g.render()
+                });
+                tokio::spawn(metrics_http::serve(listener, render, shutdown.clone()))
+            });
+            let result =
+                ringtrain_coordinator::server::run_with(core, gate, listener, shutdown.clone())
+                    .await;
+            stop_exporter(exporter, &shutdown).await;
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker {
@@ -489,21 +527,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
             reconnect_timeout_secs,
             tcp_only,
+            metrics_listen,
         } => {
             init_tracing("info");
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
-            println!("listening on {addr}");
+            let metrics = bind_metrics(metrics_listen.as_deref()).await?;
+            announce(addr, metrics.as_ref());
+            let counters = std::sync::Arc::new(ringtrain_worker::metrics::WorkerMetrics::default());
+            let shutdown = shutdown_token();
+            let exporter = metrics.map(|listener| {
+                let counters = counters.clone();
+                let render: metrics_http::Render = std::sync::Arc::new(move || counters.render());
+                tokio::spawn(metrics_http::serve(listener, render, shutdown.clone()))
+            });
             let config = WorkerConfig {
                 coordinator: cli.coordinator,
                 advertise,
                 name,
                 reconnect_limit: reconnect_timeout_secs.map(Duration::from_secs),
                 local_socket: !tcp_only,
+                metrics: counters,
             };
-            ringtrain_worker::agent::run(config, listener, shutdown_token()).await?;
+            let result = ringtrain_worker::agent::run(config, listener, shutdown.clone()).await;
+            stop_exporter(exporter, &shutdown).await;
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Submit {
@@ -692,6 +742,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             progress::print_jobs(&jobs, json);
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Binds `--metrics-listen` when it is set; an empty value (an env var a manifest left
+/// blank) counts as unset.
+async fn bind_metrics(addr: Option<&str>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr.map(str::trim).filter(|a| !a.is_empty()) {
+        Some(a) => Ok(Some(metrics_http::bind(a).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The bound addresses on stdout, so scripts and tests that pass port 0 learn the ports:
+/// "listening on ADDR" first, then "metrics listening on ADDR" when metrics are served.
+/// One write, so a reader that stops after the first line cannot break the second.
+fn announce(addr: std::net::SocketAddr, metrics: Option<&tokio::net::TcpListener>) {
+    let metrics = metrics
+        .and_then(|l| l.local_addr().ok())
+        .map(|m| {
+            tracing::info!(addr = %m, "serving prometheus metrics at /metrics");
+            format!("\nmetrics listening on {m}")
+        })
+        .unwrap_or_default();
+    println!("listening on {addr}{metrics}");
+}
+
+/// Stops the metrics endpoint after its process's main task ended (whichever way).
+async fn stop_exporter(
+    exporter: Option<tokio::task::JoinHandle<()>>,
+    shutdown: &CancellationToken,
+) {
+    if let Some(task) = exporter {
+        shutdown.cancel();
+        let _ = task.await;
     }
 }
 

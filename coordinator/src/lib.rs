@@ -16,6 +16,7 @@
 //! - [`client`]: a client for the CLI, and [`upload`], its side of dataset uploads;
 //!   [`local`]: the embedded single-machine cluster.
 //! - [`model_input`]: the rows `predict` and `evaluate` read.
+//! - [`metrics`]: the job and worker gauges `/metrics` serves.
 //!
 //! The job file, the checkpoint format and the rest of the shared vocabulary live in
 //! `ringtrain-core` (re-exported here as [`job_file`] and [`checkpoint`]); the control
@@ -31,6 +32,7 @@ pub mod error;
 pub mod grpc;
 pub mod job_machine;
 pub mod local;
+pub mod metrics;
 pub mod model_input;
 pub mod npy;
 pub mod server;

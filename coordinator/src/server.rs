@@ -28,7 +28,7 @@ use crate::config::ServerConfig;
 use crate::error::CoordinatorError;
 use crate::grpc::CoordinatorApi;
 use crate::service::Coordinator;
-use crate::store::{BoxFuture, Leadership, MemoryStore, Store, StoreError};
+use crate::store::{BoxFuture, Leadership, Store, StoreError};
 
 /// How long background tasks get to finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -222,18 +222,26 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
-    let store: Arc<dyn Store> = match &config.store {
-        Some(store) => store.clone(),
-        None => Arc::new(MemoryStore::new()),
-    };
-    let id = coordinator_id(&listener);
+    run_with(
+        Coordinator::new(config),
+        Gate::standby(),
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] for a coordinator the caller built, behind a closed `gate` the caller may watch
+/// (the `/metrics` endpoint reads the coordinator's gauges and whether it leads).
+pub async fn run_with(
+    core: Arc<Coordinator>,
+    gate: Gate,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), CoordinatorError> {
     // The coordinator writes through the very store it campaigns in.
-    let config = ServerConfig {
-        store: Some(store.clone()),
-        ..config
-    };
-    let core = Coordinator::new(config);
-    let gate = Gate::standby();
+    let store = core.store();
+    let id = coordinator_id(&listener);
     let serving = shutdown.child_token();
 
     let mut campaign = store.campaign(&id, shutdown.clone());

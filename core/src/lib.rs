@@ -18,6 +18,8 @@
 //! - [`checkpoint`]: the versioned, checksummed checkpoint format and its store;
 //!   [`saved_model`]: the trained model's card (`model.json`) and feature scaling.
 //! - [`privacy`]: the differential-privacy accountant.
+//! - [`metrics`]: lock-free counters, gauges and histograms, and the Prometheus text
+//!   format they are scraped in.
 //! - [`error`]: the typed errors.
 
 pub mod checkpoint;
@@ -26,6 +28,7 @@ pub mod error;
 pub mod ids;
 pub mod job_file;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod optimizer;
 pub mod plan;

@@ -245,12 +245,14 @@ pub async fn run(
                         // --tcp-only: do not dial neighbours' same-host sockets either.
                         a.data_locals.clear();
                     }
+                    config.metrics.set_generation(a.generation);
                     running = Some(start_job(
                         a,
                         control.clone(),
                         (hub.clone(), data_hub.clone()),
                         worker_id.clone(),
                         held.take(),
+                        config.metrics.clone(),
                     ));
                 }
                 Some(control_message::Kind::Cancel(c)) => {
@@ -334,6 +336,7 @@ fn start_job(
     (hub, data_hub): (Arc<CollectiveHub>, Arc<crate::tcp_ring::DataHub>),
     worker_id: String,
     held: Option<HeldState>,
+    metrics: Arc<crate::metrics::WorkerMetrics>,
 ) -> RunningJob {
     // Not a child of the process's shutdown token: a shutdown is a graceful leave,
     // which stops the job at a step boundary through `drain` instead.
@@ -393,6 +396,7 @@ fn start_job(
             drain: job_drain,
             leaving: job_leaving,
             stall_reports: None,
+            metrics,
         };
         // The outcome is logged and reported to the coordinator inside.
         let (_, state) = run_blocking(ctx, held);

@@ -18,6 +18,8 @@ pub struct WorkerConfig {
     pub reconnect_limit: Option<Duration>,
     /// Offer a same-host Unix socket for ring data (Linux); off keeps every link on TCP.
     pub local_socket: bool,
+    /// What the worker counts for `/metrics` (served by the caller, when enabled).
+    pub metrics: std::sync::Arc<crate::metrics::WorkerMetrics>,
 }
 
 impl WorkerConfig {

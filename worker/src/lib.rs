@@ -18,6 +18,7 @@
 //! - [`resume`]: the state a worker keeps between generations, and how a new
 //!   generation's ranks agree where to start (peer broadcast, checkpoint, or init).
 //! - [`agent`]: the worker process: attach to the coordinator, run assignments.
+//! - [`metrics`]: the worker's `/metrics` counters (steps, samples, all-reduces).
 //! - [`bench`]: one rank of the all-reduce benchmark.
 //! - [`saved_model`]: a trained model loaded (and its bytes verified) for predict and
 //!   evaluate.
@@ -34,6 +35,7 @@ pub mod error;
 pub mod grpc;
 pub mod loss;
 pub mod matmul;
+pub mod metrics;
 pub mod model;
 pub mod optimizer;
 pub mod resume;

@@ -25,6 +25,16 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Every state, in lifecycle order (what `/metrics` lists, zeros included).
+    pub const ALL: [JobState; 6] = [
+        JobState::Submitted,
+        JobState::Waiting,
+        JobState::Running,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
     /// Lowercase name used in the API and CLI.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -14,13 +14,14 @@
 //! - [`reports`]: what workers send back: step/epoch reports, checkpoints, shard requests;
 //! - [`job_data`]: loading and normalizing a job's datasets;
 //! - [`outputs`]: the files a run leaves (metrics.jsonl, model.json, model.safetensors);
-//! - [`workers`]: attach and detach;
+//! - [`workers`]: attach and detach; [`gauges`]: the counts `/metrics` exports;
 //! - [`restore`]: writes to the store and the restore after a restart; [`resume`]:
 //!   `--resume RUN_DIR`;
 //! - [`uploads`]: dataset files uploaded before a submit (`UploadData`, `HasData`).
 //!
 //! [`job_machine::Event`]: crate::job_machine::Event
 
+mod gauges;
 mod job_data;
 mod outputs;
 mod reports;
@@ -242,6 +243,12 @@ impl Coordinator {
     /// How this coordinator runs.
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// The store this coordinator writes through (and campaigns in, under
+    /// [`crate::server::run`]): the configured one, or its own in-memory store.
+    pub fn store(&self) -> Arc<dyn crate::store::Store> {
+        self.store.clone()
     }
 
     /// Background tasks (attach watchers, timers, the store writer), for a bounded

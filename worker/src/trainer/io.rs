@@ -133,13 +133,27 @@ fn block_on_watched<T>(
     })
 }
 
+// The step's and evaluation's all-reduces count in the worker's metrics (a completed
+// one only: a failed collective ends the generation and is logged instead).
 impl Collective for BlockingRing<'_> {
     fn sum_f32(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
-        block_on_watched(self.ctx, step, self.ring.all_reduce(buf, step))
+        let started = Instant::now();
+        block_on_watched(self.ctx, step, self.ring.all_reduce(buf, step))?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.ctx
+            .metrics
+            .record_allreduce(std::mem::size_of_val(buf), seconds);
+        Ok(())
     }
 
     fn sum_u64(&mut self, buf: &mut [u64], step: u64) -> Result<(), WorkerError> {
-        block_on(self.ctx, self.ring.reduce::<WrappingSumU64>(buf, step))
+        let started = Instant::now();
+        block_on(self.ctx, self.ring.reduce::<WrappingSumU64>(buf, step))?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.ctx
+            .metrics
+            .record_allreduce(std::mem::size_of_val(buf), seconds);
+        Ok(())
     }
 }
 

@@ -66,6 +66,8 @@ pub struct JobContext {
     /// The report stream, for a report sent from inside a collective (set by
     /// [`run_blocking`]).
     pub stall_reports: Option<mpsc::Sender<WorkerReport>>,
+    /// The worker's `/metrics` counters (shared by every job it runs).
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 /// How a generation ended on this rank.
@@ -380,7 +382,9 @@ fn train(
                     finish_upload(ctx, pending_upload.take())?;
                     pending_upload = Some(upload(ctx, s, false));
                 }
-                timing.total += t_step.elapsed().as_secs_f64();
+                let step_secs = t_step.elapsed().as_secs_f64();
+                ctx.metrics.record_step(rows, step_secs);
+                timing.total += step_secs;
                 timing.steps += 1;
                 timing.samples += m;
                 if out.stop {
