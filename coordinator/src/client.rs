@@ -164,3 +164,17 @@ mod tests {
         assert!(e.contains("give JOB.toml, or --resume RUN_DIR"), "{e}");
     }
 }
+
+/// A request carrying the current span's W3C trace context in its metadata
+/// (`traceparent`, `tracestate`), so the coordinator's spans for it join the caller's
+/// trace. Without an exported current span it is a plain request.
+pub fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for (key, value) in ringtrain_core::telemetry::context_of(&tracing::Span::current()) {
+        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
+        if let (Ok(key), Ok(value)) = (key, value.parse()) {
+            request.metadata_mut().insert(key, value);
+        }
+    }
+    request
+}

@@ -16,6 +16,8 @@
 //! - [`checkpoint`]: the versioned, checksummed checkpoint format and its store;
 //!   [`saved_model`]: the trained model's card (`model.json`) and feature scaling.
 //! - [`privacy`]: the differential-privacy accountant.
+//! - [`telemetry`]: which training steps are traced, and the W3C trace context that
+//!   ties a step's spans on every process into one trace.
 //! - [`error`]: the typed errors.
 
 pub mod checkpoint;
@@ -30,6 +32,7 @@ pub mod privacy;
 pub mod rng;
 pub mod saved_model;
 pub mod sharding;
+pub mod telemetry;
 pub mod wire;
 
 pub use error::{CheckpointError, PlanError, SpecError};

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use ringtrain_core::telemetry::{InstanceId, StepSampling};
+
 /// How a worker process runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -18,6 +20,11 @@ pub struct WorkerConfig {
     pub reconnect_limit: Option<Duration>,
     /// Offer a same-host Unix socket for ring data (Linux); off keeps every link on TCP.
     pub local_socket: bool,
+    /// Which training steps get spans.
+    pub trace_steps: StepSampling,
+    /// Set to the id the coordinator gives this worker, for the spans'
+    /// `service.instance.id`.
+    pub instance: InstanceId,
 }
 
 impl WorkerConfig {

@@ -17,6 +17,7 @@
 //! - [`workers`]: attach and detach;
 //! - [`restore`]: writes to the store and the restore after a restart; [`resume`]:
 //!   `--resume RUN_DIR`.
+//! - [`trace`]: the job's exported `job` and `generation` spans.
 //!
 //! [`job_machine::Event`]: crate::job_machine::Event
 
@@ -25,6 +26,7 @@ mod outputs;
 mod reports;
 mod restore;
 mod resume;
+mod trace;
 mod workers;
 
 use job_data::load_data;
@@ -100,6 +102,7 @@ struct JobEntry {
     status: watch::Sender<JobStatus>,
     out_dir: PathBuf,
     store: CheckpointStore,
+    trace: trace::JobTrace,
 }
 
 #[derive(Debug, Default)]
@@ -354,7 +357,8 @@ impl Coordinator {
                     }
                 }
                 Effect::EndJob { state, error } => {
-                    if let Some(job) = st.jobs.get(&n) {
+                    if let Some(job) = st.jobs.get_mut(&n) {
+                        job.trace.end(state.as_str());
                         let generation = job.machine.generation().0;
                         match &error {
                             Some(e) => {
@@ -424,9 +428,12 @@ impl Coordinator {
         members: &[WorkerId],
     ) -> Result<(), String> {
         let generation = start.generation;
-        let Some(job) = st.jobs.get(&n) else {
+        let Some(job) = st.jobs.get_mut(&n) else {
             return Ok(());
         };
+        let trace_context = job
+            .trace
+            .start_generation(&job.id, generation.0, members.len());
         let (id, plan_json) = (job.id.clone(), job.plan_json.clone());
         let mut peers = Vec::new();
         let mut data_peers = Vec::new();
@@ -466,6 +473,7 @@ impl Coordinator {
                 data_locals: data_locals.clone(),
                 state_floor: start.state_floor.0,
                 checkpoint_step: start.checkpoint.map(|c| c.0).unwrap_or(0),
+                trace_context: trace_context.clone(),
             };
             if !st.send_control(m, control_message::Kind::Assignment(a)) {
                 return Err(format!(
@@ -714,6 +722,7 @@ impl Coordinator {
             }
             None => (StartKind::Start, "job started".to_string(), None),
         };
+        let trace = trace::JobTrace::start(&id, &file.name);
         let entry = JobEntry {
             id: id.clone(),
             request: SubmitRequest {
@@ -740,6 +749,7 @@ impl Coordinator {
             status: watch::channel(status).0,
             out_dir,
             store,
+            trace,
         };
         st.jobs.insert(n, entry);
         self.persist_job(&mut st, n);
