@@ -20,6 +20,7 @@ its span count belongs to that launch.
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -59,13 +60,19 @@ def run(exe, sink, job, workers, steps, threads, mode):
         env["RINGTRAIN_TRACE_EVERY_STEPS"] = "1"
     cmd = [exe, "bench", "train", "--workers", str(workers), "--steps", str(steps), job,
            "--json"]
+    # CPU seconds of the ringtrain processes (coordinator and workers, which are waited
+    # for inside this call; the receiver is waited for after it): far less sensitive to
+    # other load on the machine than wall-clock throughput.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     received = stop_sink(receiver) if receiver else None
     if out.returncode != 0:
         sys.stderr.write(f"FAILED ({mode}) {' '.join(cmd)}\n{out.stderr[-2000:]}\n")
-        return None, received
+        return None, received, None
     v = json.loads(out.stdout.strip().splitlines()[-1])
-    return v["samples_per_sec"], received
+    return v["samples_per_sec"], received, cpu
 
 
 def main():
@@ -82,34 +89,41 @@ def main():
 
     results = {m: [] for m in MODES}
     spans = {m: [] for m in MODES}
+    cpus = {m: [] for m in MODES}
     for r in range(a.repeats):
         order = MODES[r % 3:] + MODES[:r % 3]
         for mode in order:
-            sps, received = run(a.exe, a.sink, a.job, a.workers, a.steps, a.threads, mode)
+            sps, received, cpu = run(a.exe, a.sink, a.job, a.workers, a.steps, a.threads,
+                                     mode)
             if sps is not None:
                 results[mode].append(sps)
+                cpus[mode].append(cpu)
             spans[mode].append(received["spans"] if received else 0)
             print(f"round {r + 1} {mode:>7}: {sps if sps is None else round(sps)} samples/s, "
-                  f"{received['spans'] if received else 0} spans", file=sys.stderr)
+                  f"{received['spans'] if received else 0} spans, {cpu} CPU s", file=sys.stderr)
 
     base = statistics.median(results["off"]) if results["off"] else None
     print(f"\n{a.job}, {a.workers} workers, {a.steps} steps, RAYON_NUM_THREADS={a.threads}, "
           f"{a.repeats} rounds\n")
-    print("| tracing | samples/s, median | vs off | spans received per run | launches, samples/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| tracing | samples/s, median | vs off | CPU s per run, median | vs off | "
+          "spans received per run | launches, samples/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    cpu_base = statistics.median(cpus["off"]) if cpus["off"] else None
     labels = {"off": "off", "sampled": "on, sampled (first 20, then 1 in 100)",
               "every": "on, every step"}
     summary = {}
     for m in MODES:
         xs = results[m]
         if not xs:
-            print(f"| {labels[m]} | failed | | | |")
+            print(f"| {labels[m]} | failed | | | | | |")
             continue
         med = statistics.median(xs)
         rel = f"{med / base:.3f}" if base else "n/a"
-        print(f"| {labels[m]} | {med:,.0f} | {rel} | {statistics.median(spans[m]):.0f} | "
-              f"{', '.join(f'{x:,.0f}' for x in xs)} |")
-        summary[m] = {"median": med, "runs": xs, "spans": spans[m]}
+        cpu = statistics.median(cpus[m])
+        cpu_rel = f"{cpu / cpu_base:.3f}" if cpu_base else "n/a"
+        print(f"| {labels[m]} | {med:,.0f} | {rel} | {cpu:.2f} | {cpu_rel} | "
+              f"{statistics.median(spans[m]):.0f} | {', '.join(f'{x:,.0f}' for x in xs)} |")
+        summary[m] = {"median": med, "runs": xs, "cpu_seconds": cpus[m], "spans": spans[m]}
     print()
     print(json.dumps(summary))
 
