@@ -254,7 +254,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use opentelemetry_sdk::trace::InMemorySpanExporter;
+
+    /// An exporter that drops everything (only the resource handling is under test).
+    #[derive(Debug)]
+    struct Discard;
+
+    impl SpanExporter for Discard {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            Ok(())
+        }
+    }
 
     fn attribute(r: &Resource, key: &str) -> Option<String> {
         r.get(&Key::new(key.to_string())).map(|v| v.to_string())
@@ -263,7 +272,7 @@ mod tests {
     #[test]
     fn the_instance_id_joins_the_resource_once_known() {
         let instance = InstanceId::default();
-        let mut e = WithInstance::new(InMemorySpanExporter::default(), instance.clone());
+        let mut e = WithInstance::new(Discard, instance.clone());
         let base = Resource::builder_empty()
             .with_service_name("ringtrain-worker")
             .build();
@@ -280,7 +289,7 @@ mod tests {
 
     #[test]
     fn an_instance_id_from_the_environment_wins() {
-        let mut e = WithInstance::new(InMemorySpanExporter::default(), InstanceId::default());
+        let mut e = WithInstance::new(Discard, InstanceId::default());
         let base = Resource::builder_empty()
             .with_attribute(KeyValue::new(SERVICE_INSTANCE_ID, "pod-7"))
             .build();
