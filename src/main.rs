@@ -7,8 +7,8 @@ mod model_cmds;
 mod plot;
 mod privacy_cmd;
 mod progress;
+mod telemetry;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,8 +20,10 @@ use ringtrain_coordinator::local::{run_local, LocalOptions};
 use ringtrain_coordinator::upload;
 use ringtrain_coordinator::watch::HistoryKeeper;
 use ringtrain_coordinator::{DataPlane, ServerConfig};
+use ringtrain_core::telemetry::{InstanceId, StepSampling};
 use ringtrain_proto::v1::{JobRequest, ListRequest};
 use ringtrain_worker::config::WorkerConfig;
+use telemetry::{Export, LogFormat, Role};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -45,8 +47,40 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this endpoint (a Jaeger or OpenTelemetry
+    /// Collector, e.g. http://jaeger:4317); off when unset. `serve`, `worker`, `local`,
+    /// `submit` and `bench train` export; OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and
+    /// OTEL_TRACES_SAMPLER(_ARG) apply.
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which training steps get spans (every step of the first N, then one in M): tracing
+/// every step of a fast job costs throughput, a sample costs next to nothing.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct TraceSteps {
+    /// Trace every step up to this one.
+    #[arg(long, env = "RINGTRAIN_TRACE_FIRST_STEPS", default_value_t = ringtrain_core::telemetry::DEFAULT_TRACE_FIRST_STEPS)]
+    trace_first_steps: u64,
+    /// After those, trace one step in this many (1: every step; 0: no more).
+    #[arg(long, env = "RINGTRAIN_TRACE_EVERY_STEPS", default_value_t = ringtrain_core::telemetry::DEFAULT_TRACE_EVERY_STEPS)]
+    trace_every_steps: u64,
+}
+
+impl TraceSteps {
+    fn sampling(self) -> StepSampling {
+        StepSampling {
+            first: self.trace_first_steps,
+            every: self.trace_every_steps,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,6 +108,8 @@ enum Command {
         /// used; with one, only `epochs` may differ from it, and only upwards.
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        #[command(flatten)]
+        trace: TraceSteps,
         /// The job file (optional with --resume).
         #[arg(required_unless_present = "resume")]
         job: Option<PathBuf>,
@@ -155,6 +191,8 @@ enum Command {
         /// bound address is printed on stdout as "metrics listening on ADDR".
         #[arg(long, env = "RINGTRAIN_METRICS_LISTEN", value_name = "ADDR")]
         metrics_listen: Option<String>,
+        #[command(flatten)]
+        trace: TraceSteps,
     },
     /// Submit a job file to the coordinator, or continue a run (--resume).
     Submit {
@@ -303,6 +341,8 @@ enum BenchCommand {
         /// Keep ring data on TCP even between workers on this host.
         #[arg(long)]
         tcp_only: bool,
+        #[command(flatten)]
+        trace: TraceSteps,
         /// The job file.
         job: PathBuf,
     },
@@ -348,28 +388,32 @@ enum PrivacyCommand {
     },
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line (timestamp, level, target, fields, spans).
-    Json,
-}
-
 /// The log format every `init_tracing` call uses (set once from the command line).
 static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
+/// Log lines only (the commands that export no spans).
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    // A subscriber can only be installed once; a second call keeps the first.
+    let _ = telemetry::init(log_format(), default, None);
+}
+
+/// Log lines, and spans exported to `endpoint` when one is set.
+fn init_traced(
+    default: &str,
+    endpoint: Option<&str>,
+    role: Role,
+    instance: &InstanceId,
+) -> anyhow::Result<()> {
+    let export = endpoint.map(|e| Export {
+        endpoint: e.to_string(),
+        role,
+        instance: instance.clone(),
+    });
+    telemetry::init(log_format(), default, export)
+}
+
+fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text)
 }
 
 /// Cancels the returned token on ctrl-c or SIGTERM.
@@ -418,7 +462,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async_main())
+    let code = runtime.block_on(async_main());
+    // The exporter's connection runs on the runtime: flush before it is dropped.
+    telemetry::shutdown();
+    code
 }
 
 async fn async_main() -> ExitCode {
@@ -440,6 +487,10 @@ async fn async_main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
+    let otlp = cli.otlp_endpoint.clone().filter(|e| !e.trim().is_empty());
+    let otlp = otlp.as_deref();
+    // Set once the process knows its id (a worker's comes at registration).
+    let instance = InstanceId::default();
     match cli.command {
         Command::Local {
             workers,
@@ -448,9 +499,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_plane,
             tcp_only,
             resume,
+            trace,
             job,
         } => {
-            init_tracing("warn");
+            instance.set(&format!("local (pid {})", std::process::id()));
+            init_traced("warn", otlp, Role::Coordinator, &instance)?;
             let exe = std::env::current_exe().context("locating the ringtrain executable")?;
             let mut bar = progress::Progress::new();
             let status = run_local(
@@ -464,6 +517,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_steps: None,
                     data_plane,
                     tcp_only,
+                    otlp_endpoint: otlp.map(str::to_string),
+                    trace_steps: trace.sampling(),
                 },
                 |s| bar.update(s),
                 shutdown_token(),
@@ -485,13 +540,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_upload_bytes,
             metrics_listen,
         } => {
-            init_tracing("info");
+            init_traced("info", otlp, Role::Coordinator, &instance)?;
             let store = serve_store(etcd.as_deref(), etcd_prefix, leader_ttl_secs).await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
             let metrics = bind_metrics(metrics_listen.as_deref()).await?;
+            instance.set(&ringtrain_coordinator::server::coordinator_id(&listener));
             tracing::info!(addr = %addr, data_dir = %data_dir.display(), "coordinator listening");
             announce(addr, metrics.as_ref());
             let config = ServerConfig {
@@ -528,8 +584,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reconnect_timeout_secs,
             tcp_only,
             metrics_listen,
+            trace,
         } => {
-            init_tracing("info");
+            init_traced("info", otlp, Role::Worker, &instance)?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -550,6 +607,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reconnect_limit: reconnect_timeout_secs.map(Duration::from_secs),
                 local_socket: !tcp_only,
                 metrics: counters,
+                trace_steps: trace.sampling(),
+                instance,
             };
             let result = ringtrain_worker::agent::run(config, listener, shutdown.clone()).await;
             stop_exporter(exporter, &shutdown).await;
@@ -563,7 +622,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_upload,
             job,
         } => {
-            init_tracing("warn");
+            init_traced("warn", otlp, Role::Client, &instance)?;
             let mut req =
                 client::submit_request(job.as_deref(), out.as_deref(), workers, resume.as_deref())?;
             let mut c = client::connect(&cli.coordinator).await?;
@@ -577,7 +636,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
                 .await?
             };
-            let id = c.submit(req).await.map_err(status_err)?.into_inner().job_id;
+            // The job's trace starts here: its context goes with the request.
+            let span = tracing::info_span!("submit", job = tracing::field::Empty);
+            let id = c
+                .submit(span.in_scope(|| client::traced(req)))
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .job_id;
+            span.record("job", id.as_str());
+            drop(span);
             if json {
                 println!(
                     "{}",
@@ -666,7 +734,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { command } => {
-            init_tracing("warn");
             match command {
                 BenchCommand::Allreduce {
                     workers,
@@ -675,6 +742,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     data_plane,
                     tcp_only,
                 } => {
+                    init_tracing("warn");
                     let sizes = bench::parse_sizes(&bytes)?;
                     bench::allreduce(workers, &sizes, iters.max(1), data_plane, tcp_only, json)?;
                 }
@@ -683,8 +751,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     steps,
                     data_plane,
                     tcp_only,
+                    trace,
                     job,
                 } => {
+                    instance.set(&format!("bench (pid {})", std::process::id()));
+                    init_traced("warn", otlp, Role::Coordinator, &instance)?;
                     let exe =
                         std::env::current_exe().context("locating the ringtrain executable")?;
                     let out = std::env::temp_dir()
@@ -700,6 +771,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             max_steps: Some(steps),
                             data_plane,
                             tcp_only,
+                            otlp_endpoint: otlp.map(str::to_string),
+                            trace_steps: trace.sampling(),
                         },
                         |_| {},
                         shutdown_token(),

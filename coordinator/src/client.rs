@@ -131,6 +131,20 @@ pub fn is_terminal(s: &JobStatus) -> bool {
     matches!(s.state.as_str(), "completed" | "failed" | "cancelled")
 }
 
+/// A request carrying the current span's W3C trace context in its metadata
+/// (`traceparent`, `tracestate`), so the coordinator's spans for it join the caller's
+/// trace. Without an exported current span it is a plain request.
+pub fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for (key, value) in ringtrain_core::telemetry::context_of(&tracing::Span::current()) {
+        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
+        if let (Ok(key), Ok(value)) = (key, value.parse()) {
+            request.metadata_mut().insert(key, value);
+        }
+    }
+    request
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

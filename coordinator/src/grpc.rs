@@ -14,6 +14,7 @@ use ringtrain_proto::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use ringtrain_core::telemetry::{RemoteParent, TRACEPARENT, TRACESTATE};
 use ringtrain_core::CheckpointError;
 
 use crate::error::CoordinatorError;
@@ -52,6 +53,12 @@ pub fn to_status(e: CoordinatorError) -> Status {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The W3C trace context a caller sent in the request's metadata (absent when none).
+fn remote_parent(metadata: &tonic::metadata::MetadataMap) -> RemoteParent {
+    let get = |key: &str| metadata.get(key).and_then(|v| v.to_str().ok());
+    RemoteParent::from_headers(get(TRACEPARENT), get(TRACESTATE))
+}
+
 /// Both services of the coordinator over one [`Coordinator`].
 #[derive(Debug, Clone)]
 pub struct CoordinatorApi {
@@ -71,9 +78,10 @@ impl JobService for CoordinatorApi {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let id = self
-            .core
-            .submit(request.into_inner())
+        // The job's span continues the client's trace when the client sent one.
+        let parent = remote_parent(request.metadata());
+        let id = parent
+            .scope(self.core.submit(request.into_inner()))
             .await
             .map_err(to_status)?;
         Ok(Response::new(SubmitResponse { job_id: id.0 }))
@@ -188,9 +196,10 @@ impl WorkerControl for CoordinatorApi {
         &self,
         request: Request<Streaming<CheckpointPart>>,
     ) -> Result<Response<CheckpointAck>, Status> {
-        let path = self
-            .core
-            .upload_checkpoint(request.into_inner())
+        // The coordinator's `checkpoint` span is a child of the uploading worker's.
+        let parent = remote_parent(request.metadata());
+        let path = parent
+            .scope(self.core.upload_checkpoint(request.into_inner()))
             .await
             .map_err(to_status)?;
         Ok(Response::new(CheckpointAck {

@@ -19,6 +19,7 @@ use crate::error::CoordinatorError;
 use crate::job_file::{JobFile, SavedSubmit, SAVED_JOB_FILE, SAVED_SUBMIT_FILE};
 use crate::server::serve;
 use crate::service::Coordinator;
+use ringtrain_core::telemetry::StepSampling;
 
 /// How long workers get to exit after being told to.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -139,6 +140,10 @@ pub struct LocalOptions {
     pub data_plane: crate::config::DataPlane,
     /// Start workers with `--tcp-only` (no same-host Unix sockets for ring data).
     pub tcp_only: bool,
+    /// The OTLP endpoint the workers export spans to (as this process does).
+    pub otlp_endpoint: Option<String>,
+    /// Which steps the workers trace.
+    pub trace_steps: StepSampling,
 }
 
 /// Runs one job on an embedded cluster and returns its final status. `on_status` sees
@@ -205,6 +210,19 @@ pub async fn run_local(
                 "10",
             ])
             .args(opts.tcp_only.then_some("--tcp-only"))
+            // Tracing goes by flags, not by inheritance: a value given on the command
+            // line (not in the environment) reaches the workers too.
+            .args(
+                opts.otlp_endpoint
+                    .iter()
+                    .flat_map(|e| ["--otlp-endpoint".to_string(), e.clone()]),
+            )
+            .args([
+                "--trace-first-steps".to_string(),
+                opts.trace_steps.first.to_string(),
+                "--trace-every-steps".to_string(),
+                opts.trace_steps.every.to_string(),
+            ])
             // A container's settings (RINGTRAIN_ADVERTISE, ...) belong to the container's
             // own worker, not to the local ones started here.
             .env_remove("RINGTRAIN_ADVERTISE")
@@ -303,6 +321,8 @@ mod tests {
             max_steps: None,
             data_plane: crate::config::DataPlane::Tcp,
             tcp_only: false,
+            otlp_endpoint: None,
+            trace_steps: StepSampling::default(),
         };
         let status = tokio::time::timeout(
             Duration::from_secs(30),
@@ -363,6 +383,8 @@ mod tests {
             max_steps: None,
             data_plane: crate::config::DataPlane::Tcp,
             tcp_only: false,
+            otlp_endpoint: None,
+            trace_steps: StepSampling::default(),
         };
         let e = run_local(opts, |_| {}, CancellationToken::new())
             .await

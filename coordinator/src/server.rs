@@ -326,8 +326,9 @@ async fn campaign_naming_leader(
     }
 }
 
-/// This process's id in the leader key: the address clients should use, and the pid.
-fn coordinator_id(listener: &TcpListener) -> String {
+/// This process's id in the leader key (and its `service.instance.id` in traces): the
+/// address clients should use, and the pid.
+pub fn coordinator_id(listener: &TcpListener) -> String {
     let addr = listener.local_addr().ok();
     let host = match addr {
         Some(a) if !a.ip().is_unspecified() => a.ip().to_string(),

@@ -20,6 +20,8 @@
 //! - [`privacy`]: the differential-privacy accountant.
 //! - [`metrics`]: lock-free counters, gauges and histograms, and the Prometheus text
 //!   format they are scraped in.
+//! - [`telemetry`]: which training steps are traced, and the W3C trace context that
+//!   ties a step's spans on every process into one trace.
 //! - [`error`]: the typed errors.
 
 pub mod checkpoint;
@@ -36,6 +38,7 @@ pub mod privacy;
 pub mod rng;
 pub mod saved_model;
 pub mod sharding;
+pub mod telemetry;
 pub mod wire;
 
 pub use error::{CheckpointError, PlanError, SpecError};

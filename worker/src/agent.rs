@@ -24,6 +24,7 @@ use crate::grpc::CollectiveService;
 use crate::plan::TrainingPlan;
 use crate::resume::HeldState;
 use crate::trainer::{run_blocking, JobContext};
+use ringtrain_core::telemetry::StepSampling;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How long a shutting-down worker waits for its job to wind down.
@@ -232,6 +233,7 @@ pub async fn run(
                         )));
                     }
                     info!(worker_id = %r.worker_id, "registered with the coordinator");
+                    config.instance.set(&r.worker_id);
                     health
                         .set_service_status("", tonic_health::ServingStatus::Serving)
                         .await;
@@ -250,7 +252,7 @@ pub async fn run(
                         a,
                         control.clone(),
                         (hub.clone(), data_hub.clone()),
-                        worker_id.clone(),
+                        (worker_id.clone(), config.trace_steps),
                         held.take(),
                         config.metrics.clone(),
                     ));
@@ -334,7 +336,7 @@ fn start_job(
     a: Assignment,
     control: WorkerControlClient<Channel>,
     (hub, data_hub): (Arc<CollectiveHub>, Arc<crate::tcp_ring::DataHub>),
-    worker_id: String,
+    (worker_id, trace_steps): (String, StepSampling),
     held: Option<HeldState>,
     metrics: Arc<crate::metrics::WorkerMetrics>,
 ) -> RunningJob {
@@ -397,6 +399,7 @@ fn start_job(
             leaving: job_leaving,
             stall_reports: None,
             metrics,
+            trace_steps,
         };
         // The outcome is logged and reported to the coordinator inside.
         let (_, state) = run_blocking(ctx, held);

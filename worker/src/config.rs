@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use ringtrain_core::telemetry::{InstanceId, StepSampling};
+
 /// How a worker process runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -20,6 +22,11 @@ pub struct WorkerConfig {
     pub local_socket: bool,
     /// What the worker counts for `/metrics` (served by the caller, when enabled).
     pub metrics: std::sync::Arc<crate::metrics::WorkerMetrics>,
+    /// Which training steps get spans.
+    pub trace_steps: StepSampling,
+    /// Set to the id the coordinator gives this worker, for the spans'
+    /// `service.instance.id`.
+    pub instance: InstanceId,
 }
 
 impl WorkerConfig {

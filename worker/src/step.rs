@@ -18,7 +18,7 @@
 
 use std::time::Instant;
 
-use tracing::info_span;
+use tracing::{info_span, Span};
 
 use crate::error::WorkerError;
 use crate::loss::MetricSums;
@@ -97,6 +97,24 @@ pub trait SecureAggregation: Send {
     fn mask(&mut self, local: &[f32], out: &mut [u64], step: u64) -> Result<(), WorkerError>;
     /// Decodes the ring's sum into `out`, removing whatever is left of the masks.
     fn unmask(&mut self, sum: &[u64], out: &mut [f32], step: u64) -> Result<(), WorkerError>;
+}
+
+/// Where this rank sits in the ring: what a traced step's `all_reduce` span records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingPosition {
+    /// This rank.
+    pub rank: u32,
+    /// Ranks in the ring.
+    pub world: u32,
+}
+
+/// A traced step's stage span (`compute`, `all_reduce`, `optimizer`, children of the
+/// current `step` span); none at all for an untraced step, which so costs no span.
+fn stage_span(traced: Option<RingPosition>, make: impl FnOnce(RingPosition) -> Span) -> Span {
+    match traced {
+        Some(at) => make(at),
+        None => Span::none(),
+    }
 }
 
 /// One step's rows on this rank.
@@ -217,6 +235,8 @@ pub struct StepPipeline {
     vote: bool,
     /// The masked buffer under secure aggregation (empty otherwise).
     masked: Vec<u64>,
+    /// The next step is traced (with this rank's ring position): its stages get spans.
+    traced: Option<RingPosition>,
 }
 
 impl std::fmt::Debug for StepPipeline {
@@ -244,6 +264,7 @@ impl StepPipeline {
             buf: vec![0.0; p + MetricSums::flat_len(classes) + 1],
             vote: false,
             masked: Vec::new(),
+            traced: None,
         }
     }
 
@@ -265,6 +286,11 @@ impl StepPipeline {
     /// extra round trip.
     pub fn set_vote(&mut self, stop: bool) {
         self.vote = stop;
+    }
+
+    /// Traces the next steps' stages (`Some`, at this ring position) or not (`None`).
+    pub fn set_traced(&mut self, traced: Option<RingPosition>) {
+        self.traced = traced;
     }
 
     /// The stages this pipeline runs, in order (skipped ones left out).
@@ -292,34 +318,54 @@ impl StepPipeline {
         ring: &mut dyn Collective,
     ) -> Result<StepOutcome, WorkerError> {
         let p = self.p;
+        let traced = self.traced;
         let t = Instant::now();
         let last = self.buf.len() - 1;
-        scale(mlp, params, batch, &mut self.buf[..last], p)?;
-        self.buf[last] = if self.vote { 1.0 } else { 0.0 };
-        let compute_secs = t.elapsed().as_secs_f64();
-        if let Some(hook) = &mut self.privatize {
-            hook.apply(&mut self.buf[..p], step)?;
-        }
+        let compute_secs = {
+            // DP's clip and noise are part of the `compute` span (not of compute_secs).
+            let _compute =
+                stage_span(traced, |_| info_span!("compute", rows = batch.rows)).entered();
+            scale(mlp, params, batch, &mut self.buf[..last], p)?;
+            self.buf[last] = if self.vote { 1.0 } else { 0.0 };
+            let secs = t.elapsed().as_secs_f64();
+            if let Some(hook) = &mut self.privatize {
+                hook.apply(&mut self.buf[..p], step)?;
+            }
+            secs
+        };
         let t = Instant::now();
         {
-            let span = info_span!(
-                "all_reduce",
-                bytes = self.buf.len() * 4,
-                seconds = tracing::field::Empty
-            );
+            let span = stage_span(traced, |at| {
+                info_span!(
+                    "all_reduce",
+                    bytes = self.buf.len() * 4,
+                    rank = at.rank,
+                    world = at.world,
+                    wait_seconds = tracing::field::Empty
+                )
+            });
             let _ar = span.enter();
-            match &mut self.secure {
-                None => ring.sum_f32(&mut self.buf, step)?,
+            // The time this rank is blocked in the ring (sending, receiving and waiting
+            // for its neighbours); masking is compute, not waiting.
+            let wait = match &mut self.secure {
+                None => {
+                    ring.sum_f32(&mut self.buf, step)?;
+                    t.elapsed()
+                }
                 Some(secure) => {
                     secure.mask(&self.buf, &mut self.masked, step)?;
+                    let w = Instant::now();
                     ring.sum_u64(&mut self.masked, step)?;
+                    let wait = w.elapsed();
                     secure.unmask(&self.masked, &mut self.buf, step)?;
+                    wait
                 }
-            }
-            span.record("seconds", t.elapsed().as_secs_f64());
+            };
+            span.record("wait_seconds", wait.as_secs_f64());
         }
         let allreduce_secs = t.elapsed().as_secs_f64();
         let t = Instant::now();
+        let _optimizer = stage_span(traced, |_| info_span!("optimizer")).entered();
         let stop = self.buf[last] > 0.5;
         let global = MetricSums::from_flat(self.classes, &self.buf[p..last]);
         let grad = &mut self.buf[..p];

@@ -100,6 +100,8 @@ async fn a_worker_refuses_a_coordinator_of_another_protocol_version() {
         reconnect_limit: Some(Duration::from_secs(5)),
         local_socket: false,
         metrics: Default::default(),
+        trace_steps: Default::default(),
+        instance: Default::default(),
     };
     let worker_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let result = tokio::time::timeout(

@@ -18,6 +18,8 @@
 //! - [`restore`]: writes to the store and the restore after a restart; [`resume`]:
 //!   `--resume RUN_DIR`;
 //! - [`uploads`]: dataset files uploaded before a submit (`UploadData`, `HasData`).
+//!   `--resume RUN_DIR`.
+//! - [`trace`]: the job's exported `job` and `generation` spans.
 //!
 //! [`job_machine::Event`]: crate::job_machine::Event
 
@@ -27,6 +29,7 @@ mod outputs;
 mod reports;
 mod restore;
 mod resume;
+mod trace;
 mod uploads;
 mod workers;
 
@@ -104,6 +107,7 @@ struct JobEntry {
     status: watch::Sender<JobStatus>,
     out_dir: PathBuf,
     store: CheckpointStore,
+    trace: trace::JobTrace,
 }
 
 #[derive(Debug, Default)]
@@ -364,7 +368,8 @@ impl Coordinator {
                     }
                 }
                 Effect::EndJob { state, error } => {
-                    if let Some(job) = st.jobs.get(&n) {
+                    if let Some(job) = st.jobs.get_mut(&n) {
+                        job.trace.end(state.as_str());
                         let generation = job.machine.generation().0;
                         match &error {
                             Some(e) => {
@@ -434,9 +439,12 @@ impl Coordinator {
         members: &[WorkerId],
     ) -> Result<(), String> {
         let generation = start.generation;
-        let Some(job) = st.jobs.get(&n) else {
+        let Some(job) = st.jobs.get_mut(&n) else {
             return Ok(());
         };
+        let trace_context = job
+            .trace
+            .start_generation(&job.id, generation.0, members.len());
         let (id, plan_json) = (job.id.clone(), job.plan_json.clone());
         let mut peers = Vec::new();
         let mut data_peers = Vec::new();
@@ -476,6 +484,7 @@ impl Coordinator {
                 data_locals: data_locals.clone(),
                 state_floor: start.state_floor.0,
                 checkpoint_step: start.checkpoint.map(|c| c.0).unwrap_or(0),
+                trace_context: trace_context.clone(),
             };
             if !st.send_control(m, control_message::Kind::Assignment(a)) {
                 return Err(format!(
@@ -735,6 +744,7 @@ impl Coordinator {
             }
             None => (StartKind::Start, "job started".to_string(), None),
         };
+        let trace = trace::JobTrace::start(&id, &file.name);
         let entry = JobEntry {
             id: id.clone(),
             request: SubmitRequest {
@@ -761,6 +771,7 @@ impl Coordinator {
             status: watch::channel(status).0,
             out_dir,
             store,
+            trace,
         };
         st.jobs.insert(n, entry);
         self.persist_job(&mut st, n);

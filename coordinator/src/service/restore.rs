@@ -263,6 +263,13 @@ impl Coordinator {
         let waiting = machine.state() == JobState::Waiting;
         let wait = std::time::Duration::from_secs(file.fault.max_wait_secs);
         let token = machine.wait_token();
+        let trace = if live {
+            // A job that was live continues here in a new trace: its old `job` span
+            // ended with the coordinator that held it.
+            super::trace::JobTrace::start(&id, &file.name)
+        } else {
+            super::trace::JobTrace::none()
+        };
         let entry = JobEntry {
             id: id.clone(),
             request: req,
@@ -277,6 +284,7 @@ impl Coordinator {
             status: watch::channel(status).0,
             out_dir,
             store,
+            trace,
         };
         let n = record.number;
         let mut st = self.lock();

@@ -5,11 +5,12 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ringtrain_core::telemetry::{context_of, RemoteParent};
 use ringtrain_proto::v1::{
     checkpoint_part, worker_report, CheckpointData, CheckpointHeader, CheckpointPart, ShardRequest,
     Split, Waiting, WorkerReport,
 };
-use tracing::{info, info_span, warn};
+use tracing::{info, info_span, warn, Instrument};
 
 use super::JobContext;
 use crate::engine::{Ring, RingConfig};
@@ -58,12 +59,18 @@ pub(super) fn fetch(
         start_batch: start_batch as u32,
     };
     let features = ctx.plan.features;
+    // Built here, on the caller's thread, where its span is current.
+    let request = traced(req);
     async move {
         let status = |s: tonic::Status| WorkerError::Coordinator {
             call: "FetchShard",
             status: s.to_string(),
         };
-        let mut stream = control.fetch_shard(req).await.map_err(status)?.into_inner();
+        let mut stream = control
+            .fetch_shard(request)
+            .await
+            .map_err(status)?
+            .into_inner();
         let mut shard = Shard::default();
         while let Some(chunk) = stream.message().await.map_err(status)? {
             let rows = chunk.rows as usize;
@@ -168,8 +175,13 @@ const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
 /// takes to write and fsync) while the copy travels, streamed in chunks. `epoch` is the
 /// epochs completed (the final checkpoint) or the epoch in progress (periodic ones).
 pub(super) fn upload(ctx: &JobContext, s: &HeldState, final_: bool) -> Upload {
-    let _span = info_span!("checkpoint", step = s.step, final_).entered();
     let a = &ctx.assignment;
+    // Spans the copy and the whole upload, under the coordinator's `generation` span
+    // (checkpoints are rare: always traced); its context goes with the upload, so the
+    // coordinator's `checkpoint` span for the write is its child.
+    let span = info_span!("checkpoint", step = s.step, final_, job = %a.job_id, rank = a.rank);
+    RemoteParent::from_map(&a.trace_context).adopt(&span);
+    let _enter = span.enter();
     let plan = &ctx.plan;
     let mut buffers: Vec<(String, &[f32])> = vec![("params".into(), &s.params)];
     for (name, data) in s.opt.config.slot_names().iter().zip(&s.opt.slots) {
@@ -208,16 +220,32 @@ pub(super) fn upload(ctx: &JobContext, s: &HeldState, final_: bool) -> Upload {
         }
     }
     let mut control = ctx.control.clone();
-    ctx.handle.spawn(async move {
+    let request = traced(tokio_stream::iter(parts));
+    let send = async move {
         control
-            .upload_checkpoint(tokio_stream::iter(parts))
+            .upload_checkpoint(request)
             .await
             .map(|_| ())
             .map_err(|s| WorkerError::Coordinator {
                 call: "UploadCheckpoint",
                 status: s.to_string(),
             })
-    })
+    };
+    ctx.handle.spawn(send.instrument(span.clone()))
+}
+
+/// A request carrying the current span's W3C trace context in its metadata, so the
+/// coordinator's spans for it join this worker's trace; a plain request when no
+/// exported span is current.
+fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for (key, value) in context_of(&tracing::Span::current()) {
+        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
+        if let (Ok(key), Ok(value)) = (key, value.parse()) {
+            request.metadata_mut().insert(key, value);
+        }
+    }
+    request
 }
 
 /// Waits for an upload started by [`upload`].

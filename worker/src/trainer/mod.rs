@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ringtrain_core::telemetry::{RemoteParent, StepSampling};
 use ringtrain_proto::v1::{
     worker_control_client::WorkerControlClient, worker_report, Assignment, EpochReport,
     EpochSummary, Failure, Finished, Resumed, Split, StepReport, Stopped, WorkerReport,
@@ -18,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tracing::{info, info_span, warn};
+use tracing::{info, info_span, warn, Span};
 
 use crate::collective::CollectiveHub;
 use crate::engine::Ring;
@@ -28,7 +29,7 @@ use crate::model::{DropoutKey, Mlp};
 use crate::plan::TrainingPlan;
 use crate::resume::{self, HeldState};
 use crate::sharding;
-use crate::step::{Batch, Collective, StepPipeline};
+use crate::step::{Batch, Collective, RingPosition, StepPipeline};
 
 mod io;
 
@@ -68,6 +69,8 @@ pub struct JobContext {
     pub stall_reports: Option<mpsc::Sender<WorkerReport>>,
     /// The worker's `/metrics` counters (shared by every job it runs).
     pub metrics: Arc<crate::metrics::WorkerMetrics>,
+    /// Which steps get spans.
+    pub trace_steps: StepSampling,
 }
 
 /// How a generation ended on this rank.
@@ -88,7 +91,10 @@ pub fn run_blocking(
     held: Option<HeldState>,
 ) -> (Result<Outcome, WorkerError>, Option<HeldState>) {
     let a = &ctx.assignment;
-    let span = info_span!("job", job = %a.job_id, generation = a.generation, rank = a.rank);
+    // Context for this thread's log lines. Not `job`: that name is the coordinator's
+    // exported span, and this one is not exported (the exported `step` spans are
+    // children of the coordinator's `generation` span instead).
+    let span = info_span!("assignment", job = %a.job_id, generation = a.generation, rank = a.rank);
     let _enter = span.enter();
     let (tx, rx) = mpsc::channel(REPORT_CAPACITY);
     ctx.stall_reports = Some(tx.clone());
@@ -181,6 +187,21 @@ impl StepTiming {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
+}
+
+/// A traced step's `step` span: a child of the coordinator's `generation` span (whose
+/// context came with the assignment), so every rank's step joins one trace.
+fn step_span(a: &Assignment, parent: &RemoteParent, step: u64) -> Span {
+    let span = info_span!(
+        "step",
+        step,
+        job = %a.job_id,
+        generation = a.generation,
+        rank = a.rank,
+        world = a.world
+    );
+    parent.adopt(&span);
+    span
 }
 
 /// Metric sums of a split, summed across all ranks.
@@ -278,6 +299,11 @@ fn train(
         Shard::default()
     };
     let mut pipeline = StepPipeline::from_plan(plan, &mlp, threads);
+    let trace_parent = RemoteParent::from_map(&a.trace_context);
+    let position = RingPosition {
+        rank: a.rank,
+        world: a.world,
+    };
     let d = plan.features;
     let spe = plan.steps_per_epoch().max(1) as u64;
     let mut timing = StepTiming::default();
@@ -330,7 +356,15 @@ fn train(
                 }
                 let t_step = Instant::now();
                 let step = s.step + 1;
-                let _span = info_span!("step", step).entered();
+                // An untraced step creates no span at all (see `StepSampling`).
+                let traced = ctx.trace_steps.traces(step);
+                let span = if traced {
+                    step_span(a, &trace_parent, step)
+                } else {
+                    Span::none()
+                };
+                let _span = span.enter();
+                pipeline.set_traced(traced.then_some(position));
                 let batch = Batch {
                     x: &shard.x[cursor * d..(cursor + rows) * d],
                     y: &shard.y[cursor..cursor + rows],
