@@ -178,8 +178,9 @@ enum Command {
         #[arg(long, env = "RINGTRAIN_RECONNECT_TIMEOUT_SECS")]
         reconnect_timeout_secs: Option<u64>,
         /// Keep ring data on TCP even to workers on this host (by default they use a
-        /// Unix socket, which is several times faster than loopback TCP).
-        #[arg(long, env = "RINGTRAIN_TCP_ONLY")]
+        /// Unix socket, which is several times faster than loopback TCP). The env var
+        /// takes true/false, 1/0, yes/no or on/off.
+        #[arg(long, env = "RINGTRAIN_TCP_ONLY", value_parser = clap::builder::BoolishValueParser::new())]
         tcp_only: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090); off when
         /// unset.

@@ -2,8 +2,9 @@
 //! Docker Engine of this machine. The image is built by `deploy/build-image.sh` (cached
 //! layers make this a few seconds when `.ci/run` has already built it), then etcd, a
 //! coordinator and three workers come up on a private bridge network, each container with
-//! its own address. A job submitted from the host (to the coordinator's container address)
-//! lives through a scale-down to 2 (a graceful leave), a scale-up to 3 (a join), a worker
+//! its own address. A job submitted from the host (to the coordinator's container address),
+//! its MNIST files uploaded by `submit` because the coordinator's container cannot read
+//! the host's disk, lives through a scale-down to 2 (a graceful leave), a scale-up to 3 (a join), a worker
 //! container killed (`docker kill`), another cut off the network (`docker network
 //! disconnect`), and a scale-up that gives it enough workers again; it completes.
 //!
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{event_kinds, job_status, run_json, submit, wait_for};
+use common::{event_kinds, job_status, run_json, wait_for};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -255,9 +256,20 @@ fn wait_job(
     }
 }
 
-/// A synthetic job of 2 to 3 workers, long enough to still be training through every
-/// event of the test (the test fails, saying so, if it ends early).
+const MNIST_IMAGES: &str = "train-images-idx3-ubyte.gz";
+const MNIST_LABELS: &str = "train-labels-idx1-ubyte.gz";
+
+/// An MNIST job of 2 to 3 workers, long enough to still be training through every event
+/// of the test (the test fails, saying so, if it ends early). Its IDX files sit in `dir`
+/// on the host, as on an operator's laptop: the coordinator's container cannot read
+/// them, so `submit` must upload them.
 fn write_job(dir: &Path, epochs: u32) -> PathBuf {
+    let mnist = repo().join("examples/data/mnist-10k");
+    for f in [MNIST_IMAGES, MNIST_LABELS] {
+        if !dir.join(f).exists() {
+            std::fs::copy(mnist.join(f), dir.join(f)).unwrap();
+        }
+    }
     let text = format!(
         r#"name = "compose-e2e"
 seed = 8
@@ -266,14 +278,13 @@ batch_size = 64
 workers = {{ min = 2, max = 3 }}
 
 [data]
-train = {{ format = "synthetic", samples = 20000, features = 100, classes = 10, noise = 4.0 }}
+train = {{ format = "idx", images = "{MNIST_IMAGES}", labels = "{MNIST_LABELS}" }}
 validation_split = 0.1
 
 [model]
-input = 100
+input = 784
 layers = [
-  {{ dense = 64, activation = "relu" }},
-  {{ dense = 64, activation = "relu" }},
+  {{ dense = 32, activation = "relu" }},
   {{ dense = 10, activation = "softmax" }},
 ]
 
@@ -356,7 +367,21 @@ fn a_compose_cluster_survives_scaling_a_kill_and_a_partition() {
     let minute = Duration::from_secs(60);
     let probe = write_job(dir.path(), CALIBRATION_EPOCHS);
     let clock = Instant::now();
-    let probe_id = submit(&coordinator, &[probe.to_str().unwrap()]);
+    // The first submit uploads the two IDX files into the coordinator's volume; every
+    // later one finds them there by digest and sends no bytes.
+    let (ok, v, stderr) = run_json(&[
+        "submit",
+        "--coordinator",
+        &coordinator,
+        probe.to_str().unwrap(),
+    ]);
+    assert!(ok, "submit failed: {stderr}");
+    let uploads = v["uploads"].as_array().cloned().unwrap_or_default();
+    assert_eq!(uploads.len(), 2, "both IDX files uploaded: {v}");
+    for u in &uploads {
+        assert!(u["sent_bytes"].as_u64() > Some(0), "{v}");
+    }
+    let probe_id = v["job_id"].as_str().expect("job_id").to_string();
     let probe_done = wait_job(&coordinator, &probe_id, minute * 5, "calibration", |s| {
         s["state"] == "completed"
     });
@@ -366,7 +391,18 @@ fn a_compose_cluster_survives_scaling_a_kill_and_a_partition() {
     eprintln!("calibration: {steps_per_sec:.0} steps/s; the job runs {epochs} epochs");
 
     let job = write_job(dir.path(), epochs.max(CALIBRATION_EPOCHS));
-    let id = submit(&coordinator, &[job.to_str().unwrap()]);
+    let (ok, v, stderr) = run_json(&[
+        "submit",
+        "--coordinator",
+        &coordinator,
+        job.to_str().unwrap(),
+    ]);
+    assert!(ok, "submit failed: {stderr}");
+    for u in v["uploads"].as_array().cloned().unwrap_or_default() {
+        assert_eq!(u["sent_bytes"], 0, "already on the coordinator: {v}");
+        assert_eq!(u["already_on_coordinator"], true, "{v}");
+    }
+    let id = v["job_id"].as_str().expect("job_id").to_string();
     let s = wait_job(&coordinator, &id, minute, "3 workers training", |s| {
         s["state"] == "running" && s["workers"] == 3 && steps(s) >= 20
     });

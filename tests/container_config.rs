@@ -48,6 +48,8 @@ fn a_worker_on_all_interfaces_advertises_the_address_from_env() {
         .env("RINGTRAIN_LISTEN", "0.0.0.0:0")
         .env("RINGTRAIN_ADVERTISE", "127.0.0.1:4567")
         .env("RINGTRAIN_NAME", "pod-7")
+        // Boolean env vars take what shells and manifests write: 1/0, yes/no, true/false.
+        .env("RINGTRAIN_TCP_ONLY", "1")
         .env("RINGTRAIN_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
