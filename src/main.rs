@@ -164,11 +164,12 @@ enum Command {
     /// Run a worker that attaches to a coordinator.
     Worker {
         /// Address for ring neighbours to connect to (port 0: any free port;
-        /// `0.0.0.0:PORT` in a container, with --advertise).
+        /// `0.0.0.0:PORT` in a container).
         #[arg(long, env = "RINGTRAIN_LISTEN", default_value = "127.0.0.1:0")]
         listen: String,
         /// Address neighbours should dial, when it differs from the bound one (a pod's
-        /// IP and the listen port).
+        /// IP and the listen port). Default: the bound address, or, when bound to every
+        /// interface, the local address of the interface that reaches the coordinator.
         #[arg(long, env = "RINGTRAIN_ADVERTISE")]
         advertise: Option<String>,
         /// Name shown in the coordinator's logs.

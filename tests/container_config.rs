@@ -74,3 +74,44 @@ fn a_worker_on_all_interfaces_advertises_the_address_from_env() {
         "{started}"
     );
 }
+
+#[test]
+fn a_worker_on_all_interfaces_without_advertise_advertises_the_route_to_its_coordinator() {
+    // No RINGTRAIN_ADVERTISE: a worker bound to 0.0.0.0 must not advertise 0.0.0.0 (every
+    // peer would dial itself) but the address it reaches the coordinator from, here
+    // loopback.
+    let mut child = Command::new(bin())
+        .args(["worker", "--coordinator", "http://127.0.0.1:9"])
+        .env("RINGTRAIN_LISTEN", "0.0.0.0:0")
+        .env_remove("RINGTRAIN_ADVERTISE")
+        .env("RINGTRAIN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _guard = Proc(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening on 0.0.0.0:")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_string();
+    let started = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .find(|v| v["fields"]["message"] == "worker started")
+        .expect("a JSON 'worker started' line");
+    assert_eq!(
+        started["fields"]["collective"],
+        format!("127.0.0.1:{port}"),
+        "{started}"
+    );
+    let data = started["fields"]["data"].as_str().unwrap_or_default();
+    assert!(data.starts_with("127.0.0.1:"), "{started}");
+}

@@ -1,7 +1,7 @@
 //! The worker process: serves the `Collective` service, attaches to the coordinator and
 //! runs the jobs it is assigned, one at a time.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,10 +64,10 @@ pub async fn run(
         addr: "listener".into(),
         detail: e.to_string(),
     })?;
-    let advertise = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| local.to_string());
+    let advertise = match config.advertise.clone() {
+        Some(a) => a,
+        None => default_advertise(local, &config.coordinator).await,
+    };
     // The plain-TCP data plane listens beside the gRPC one, on the same interface; its
     // port is advertised next to the collective address.
     let data_listener =
@@ -472,4 +472,64 @@ fn bind_local_socket(
     }
     let _ = (data_port, hub, stop, tasks);
     String::new()
+}
+
+/// The address ring neighbours dial when `--advertise` is not given: the bound one, or,
+/// for a worker bound to every interface (`0.0.0.0`, `::`, as in a container), the local
+/// address of the interface its traffic to the coordinator leaves from. That is the
+/// address its peers on the same network reach it at; advertising `0.0.0.0` would send
+/// every peer to itself.
+async fn default_advertise(local: SocketAddr, coordinators: &str) -> String {
+    if !local.ip().is_unspecified() {
+        return local.to_string();
+    }
+    match route_to(coordinators).await {
+        Some(ip) => {
+            let chosen = SocketAddr::new(ip, local.port()).to_string();
+            info!(advertise = %chosen, "no --advertise: using the address that reaches the coordinator");
+            chosen
+        }
+        None => {
+            warn!(
+                listen = %local,
+                coordinator = coordinators,
+                "bound to every interface and no route to the coordinator found: set \
+                 --advertise (RINGTRAIN_ADVERTISE) to the address peers should dial"
+            );
+            local.to_string()
+        }
+    }
+}
+
+/// The local IP the kernel would send from to the first coordinator address that
+/// resolves. A connected UDP socket only picks a route; no packet is sent.
+async fn route_to(coordinators: &str) -> Option<IpAddr> {
+    for url in coordinators.split(',') {
+        let host_port = url
+            .trim()
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        let Ok(addrs) = tokio::net::lookup_host(host_port).await else {
+            continue;
+        };
+        for addr in addrs {
+            let any: SocketAddr = if addr.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let Ok(socket) = tokio::net::UdpSocket::bind(any).await else {
+                continue;
+            };
+            if socket.connect(addr).await.is_ok() {
+                if let Ok(me) = socket.local_addr() {
+                    if !me.ip().is_unspecified() {
+                        return Some(me.ip());
+                    }
+                }
+            }
+        }
+    }
+    None
 }
