@@ -41,34 +41,46 @@ fn serve_reads_its_flags_from_env_and_logs_json() {
     assert_eq!(v["fields"]["data_dir"], data.display().to_string(), "{v}");
 }
 
-#[test]
-fn a_worker_on_all_interfaces_advertises_the_address_from_env() {
-    let mut child = Command::new(bin())
-        .args(["worker", "--coordinator", "http://127.0.0.1:9"])
+/// Starts `ringtrain worker` (its coordinator unreachable: only start-up is looked at)
+/// on `0.0.0.0:0` with JSON logs and `env`; returns the `listening on` line it printed
+/// and its JSON `worker started` log line.
+fn start_worker(env: &[(&str, &str)]) -> (String, serde_json::Value) {
+    let mut cmd = Command::new(bin());
+    cmd.args(["worker", "--coordinator", "http://127.0.0.1:9"])
         .env("RINGTRAIN_LISTEN", "0.0.0.0:0")
-        .env("RINGTRAIN_ADVERTISE", "127.0.0.1:4567")
-        .env("RINGTRAIN_NAME", "pod-7")
-        // Boolean env vars take what shells and manifests write: 1/0, yes/no, true/false.
-        .env("RINGTRAIN_TCP_ONLY", "1")
+        .env_remove("RINGTRAIN_ADVERTISE")
         .env("RINGTRAIN_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
     let _guard = Proc(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    assert!(line.starts_with("listening on 0.0.0.0:"), "{line:?}");
     let started = BufReader::new(stderr)
         .lines()
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
         .find(|v| v["fields"]["message"] == "worker started")
         .expect("a JSON 'worker started' line");
+    (line, started)
+}
+
+#[test]
+fn a_worker_on_all_interfaces_advertises_the_address_from_env() {
+    let (line, started) = start_worker(&[
+        ("RINGTRAIN_ADVERTISE", "127.0.0.1:4567"),
+        ("RINGTRAIN_NAME", "pod-7"),
+        // Boolean env vars take what shells and manifests write: 1/0, yes/no, true/false.
+        ("RINGTRAIN_TCP_ONLY", "1"),
+    ]);
+    assert!(line.starts_with("listening on 0.0.0.0:"), "{line:?}");
     assert_eq!(
         started["fields"]["collective"], "127.0.0.1:4567",
         "{started}"
@@ -80,33 +92,12 @@ fn a_worker_on_all_interfaces_without_advertise_advertises_the_route_to_its_coor
     // No RINGTRAIN_ADVERTISE: a worker bound to 0.0.0.0 must not advertise 0.0.0.0 (every
     // peer would dial itself) but the address it reaches the coordinator from, here
     // loopback.
-    let mut child = Command::new(bin())
-        .args(["worker", "--coordinator", "http://127.0.0.1:9"])
-        .env("RINGTRAIN_LISTEN", "0.0.0.0:0")
-        .env_remove("RINGTRAIN_ADVERTISE")
-        .env("RINGTRAIN_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _guard = Proc(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let (line, started) = start_worker(&[]);
     let port = line
         .trim()
         .strip_prefix("listening on 0.0.0.0:")
         .unwrap_or_else(|| panic!("{line:?}"))
         .to_string();
-    let started = BufReader::new(stderr)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-        .find(|v| v["fields"]["message"] == "worker started")
-        .expect("a JSON 'worker started' line");
     assert_eq!(
         started["fields"]["collective"],
         format!("127.0.0.1:{port}"),

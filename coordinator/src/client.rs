@@ -135,14 +135,10 @@ pub fn is_terminal(s: &JobStatus) -> bool {
 /// (`traceparent`, `tracestate`), so the coordinator's spans for it join the caller's
 /// trace. Without an exported current span it is a plain request.
 pub fn traced<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    for (key, value) in ringtrain_core::telemetry::context_of(&tracing::Span::current()) {
-        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
-        if let (Ok(key), Ok(value)) = (key, value.parse()) {
-            request.metadata_mut().insert(key, value);
-        }
-    }
-    request
+    ringtrain_proto::request_with_metadata(
+        message,
+        ringtrain_core::telemetry::context_of(&tracing::Span::current()),
+    )
 }
 
 #[cfg(test)]

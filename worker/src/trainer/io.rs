@@ -144,22 +144,18 @@ fn block_on_watched<T>(
 // one only: a failed collective ends the generation and is logged instead).
 impl Collective for BlockingRing<'_> {
     fn sum_f32(&mut self, buf: &mut [f32], step: u64) -> Result<(), WorkerError> {
-        let started = Instant::now();
-        block_on_watched(self.ctx, step, self.ring.all_reduce(buf, step))?;
-        let seconds = started.elapsed().as_secs_f64();
-        self.ctx
-            .metrics
-            .record_allreduce(std::mem::size_of_val(buf), seconds);
+        let (ctx, bytes, started) = (self.ctx, std::mem::size_of_val(buf), Instant::now());
+        block_on_watched(ctx, step, self.ring.all_reduce(buf, step))?;
+        ctx.metrics
+            .record_allreduce(bytes, started.elapsed().as_secs_f64());
         Ok(())
     }
 
     fn sum_u64(&mut self, buf: &mut [u64], step: u64) -> Result<(), WorkerError> {
-        let started = Instant::now();
-        block_on(self.ctx, self.ring.reduce::<WrappingSumU64>(buf, step))?;
-        let seconds = started.elapsed().as_secs_f64();
-        self.ctx
-            .metrics
-            .record_allreduce(std::mem::size_of_val(buf), seconds);
+        let (ctx, bytes, started) = (self.ctx, std::mem::size_of_val(buf), Instant::now());
+        block_on(ctx, self.ring.reduce::<WrappingSumU64>(buf, step))?;
+        ctx.metrics
+            .record_allreduce(bytes, started.elapsed().as_secs_f64());
         Ok(())
     }
 }
@@ -238,14 +234,7 @@ pub(super) fn upload(ctx: &JobContext, s: &HeldState, final_: bool) -> Upload {
 /// coordinator's spans for it join this worker's trace; a plain request when no
 /// exported span is current.
 fn traced<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    for (key, value) in context_of(&tracing::Span::current()) {
-        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
-        if let (Ok(key), Ok(value)) = (key, value.parse()) {
-            request.metadata_mut().insert(key, value);
-        }
-    }
-    request
+    ringtrain_proto::request_with_metadata(message, context_of(&tracing::Span::current()))
 }
 
 /// Waits for an upload started by [`upload`].
