@@ -163,7 +163,46 @@ pub fn status_json(s: &JobStatus) -> Value {
     if !s.stalled.is_empty() {
         v["stalled"] = json!(s.stalled);
     }
+    if let Some(p) = &s.privacy {
+        v["privacy"] = privacy_json(p);
+    }
     v
+}
+
+/// `"privacy"` of a DP job's status: the names are the interface scripts read.
+fn privacy_json(p: &ringtrain_proto::v1::PrivacyStatus) -> Value {
+    let mut o = json!({
+        "epsilon": p.epsilon,
+        "delta": p.delta,
+        "noise_multiplier": p.noise_multiplier,
+        "sample_rate": p.sample_rate,
+        "steps": p.steps,
+        "accountant": p.accountant,
+        "max_grad_norm": p.max_grad_norm,
+    });
+    if p.max_epsilon > 0.0 {
+        o["max_epsilon"] = json!(p.max_epsilon);
+        o["stopped_at_max_epsilon"] = json!(p.stopped_at_max_epsilon);
+    }
+    if p.budget_steps > 0 {
+        o["budget_steps"] = json!(p.budget_steps);
+    }
+    o
+}
+
+/// One line on a DP job's privacy, for people.
+fn privacy_line(p: &ringtrain_proto::v1::PrivacyStatus) -> String {
+    let mut line = format!(
+        "privacy: epsilon {:.4} at delta {:e} after {} steps (noise multiplier {:.4}, sample rate {:.4}, clip {}, {})",
+        p.epsilon, p.delta, p.steps, p.noise_multiplier, p.sample_rate, p.max_grad_norm, p.accountant
+    );
+    if p.stopped_at_max_epsilon {
+        line.push_str(&format!(
+            "; stopped at max_epsilon {}: one more step would pass it",
+            p.max_epsilon
+        ));
+    }
+    line
 }
 
 /// Prints a job's final result.
@@ -194,6 +233,9 @@ pub fn print_result(s: &JobStatus, json: bool) {
     if s.samples_per_sec > 0.0 {
         println!("  {:.0} samples/s", s.samples_per_sec);
     }
+    if let Some(p) = &s.privacy {
+        println!("  {}", privacy_line(p));
+    }
     if !s.error.is_empty() {
         println!("  error: {}", s.error);
     }
@@ -219,6 +261,9 @@ pub fn print_status(s: &JobStatus, json: bool) {
         m.loss.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
         m.accuracy.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
     );
+    if let Some(p) = &s.privacy {
+        println!("  {}", privacy_line(p));
+    }
     if !s.error.is_empty() {
         println!("  error: {}", s.error);
     }

@@ -41,6 +41,9 @@ pub struct JobFile {
     /// What happens when workers are lost.
     #[serde(default)]
     pub fault: FaultSection,
+    /// Private training: DP-SGD (see [`crate::privacy::PrivacySection`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacySection>,
 }
 
 /// `workers`: how many workers a generation of the job has.
@@ -366,6 +369,7 @@ impl JobFile {
             collective_timeout_ms: data.collective_timeout_ms,
             target_center: data.target_center,
             max_steps: data.max_steps,
+            privacy: None,
         }
     }
 
@@ -516,6 +520,23 @@ impl JobFile {
         }
         if self.checkpoint.keep == 0 {
             return Err(err("checkpoint.keep", "must be at least 1".into()));
+        }
+        if let Some(p) = &self.privacy {
+            p.validate().map_err(|e| {
+                let field = if e.key.is_empty() {
+                    "privacy".to_string()
+                } else {
+                    format!("privacy.{}", e.key)
+                };
+                err(&field, e.message)
+            })?;
+            if p.dp_enabled() && self.data.normalize != NormalizeKind::None {
+                return Err(err(
+                    "data.normalize",
+                    "is fitted on the training data, and those statistics are released with                      the model outside the DP guarantee; a DP job needs normalize = "none"                      (scale the data beforehand with public bounds; IDX images are already                      scaled to [0, 1])"
+                        .into(),
+                ));
+            }
         }
         let sources = [
             ("data.train", Some(&self.data.train)),

@@ -78,6 +78,38 @@ pub struct TrainingPlan {
     /// Stop after this many steps (benchmarks); `None`: train every epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<u64>,
+    /// DP-SGD (`None`: plain training). With it, batches are Poisson samples, each
+    /// example's gradient is clipped, every rank adds its share of the noise, and the
+    /// summed gradient is divided by the expected batch size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<DpPlan>,
+}
+
+/// DP-SGD as the workers run it, worked out by the coordinator from the job file's
+/// `[privacy]` section (σ calibrated, `q` from the data size, the step budget of
+/// `max_epsilon`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpPlan {
+    /// σ: the noise standard deviation of the summed gradient divided by the clipping
+    /// bound; each of `W` ranks adds `N(0, σ²C²/W)`.
+    pub noise_multiplier: f64,
+    /// C: every example's gradient is clipped to this L2 norm.
+    pub max_grad_norm: f64,
+    /// q: every step includes each training example independently with this
+    /// probability (`batch_size / train_samples`).
+    pub sample_rate: f64,
+    /// δ of the reported `(ε, δ)`.
+    pub delta: f64,
+    /// Which accountant reports `ε`.
+    pub accountant: crate::privacy::AccountantKind,
+    /// Noise drawn from a generator seeded by (job seed, step, rank) instead of the OS:
+    /// reproducible, for tests only, and no privacy at all against anyone who knows
+    /// the seed.
+    #[serde(default)]
+    pub deterministic_noise: bool,
+    /// The last step `max_epsilon` allows (`None`: no budget). Workers stop after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_steps: Option<u64>,
 }
 
 impl TrainingPlan {
@@ -102,8 +134,65 @@ impl TrainingPlan {
         Ok(plan)
     }
 
-    /// Optimizer steps per epoch.
+    /// Optimizer steps per epoch: `ceil(N / B)` batches of a permutation, or under
+    /// DP-SGD `N / B` Poisson samples (at least 1).
     pub fn steps_per_epoch(&self) -> usize {
-        crate::sharding::steps_per_epoch(self.train_samples, self.batch_size)
+        if self.privacy.is_some() {
+            crate::sharding::poisson_steps_per_epoch(self.train_samples, self.batch_size)
+        } else {
+            crate::sharding::steps_per_epoch(self.train_samples, self.batch_size)
+        }
+    }
+
+    /// The step after which training ends early: the benchmark limit or the privacy
+    /// budget, whichever comes first (`u64::MAX`: neither).
+    pub fn step_limit(&self) -> u64 {
+        let budget = self.privacy.and_then(|p| p.budget_steps);
+        self.max_steps
+            .unwrap_or(u64::MAX)
+            .min(budget.unwrap_or(u64::MAX))
+    }
+
+    /// The sample indices `rank` of `world` trains on in `epoch` from global batch
+    /// `start_batch` on, and its row count at each of those steps: a permutation's
+    /// batches, or under DP-SGD Poisson samples (see [`crate::sharding`]).
+    pub fn rank_epoch(
+        &self,
+        epoch: u32,
+        rank: usize,
+        world: usize,
+        start_batch: usize,
+    ) -> (Vec<u32>, Vec<usize>) {
+        use crate::sharding as sh;
+        match &self.privacy {
+            Some(dp) => sh::poisson_rank_epoch(
+                self.seed,
+                epoch,
+                self.train_samples,
+                dp.sample_rate,
+                self.steps_per_epoch(),
+                rank,
+                world,
+                start_batch,
+            ),
+            None => (
+                sh::rank_epoch_indices_from(
+                    self.seed,
+                    epoch,
+                    self.train_samples,
+                    self.batch_size,
+                    rank,
+                    world,
+                    start_batch,
+                ),
+                sh::rank_batch_lens_from(
+                    self.train_samples,
+                    self.batch_size,
+                    rank,
+                    world,
+                    start_batch,
+                ),
+            ),
+        }
     }
 }

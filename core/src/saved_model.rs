@@ -57,6 +57,10 @@ pub struct ModelCard {
     /// Hex SHA-256 of `model.safetensors`: predict and evaluate refuse weights whose bytes
     /// do not match.
     pub weights_sha256: String,
+    /// DP-SGD jobs: the privacy the weights were trained under, `(epsilon, delta)` with
+    /// how it was accounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacyReport>,
 }
 
 /// Per-feature scaling fitted on the training split; saved with the model and applied

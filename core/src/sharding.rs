@@ -12,6 +12,72 @@ use crate::rng::{derive_seed, Rng};
 
 /// Stream id for the epoch permutation (mixed into the seed).
 const PERMUTATION_STREAM: u64 = 0x5045_524D; // "PERM"
+/// Stream id for DP-SGD's Poisson samples.
+const POISSON_STREAM: u64 = 0x504F_4953; // "POIS"
+
+/// Steps in one DP-SGD epoch: `N / B` Poisson samples of expected size `B`, at least 1.
+pub fn poisson_steps_per_epoch(samples: usize, batch: usize) -> usize {
+    (samples / batch.max(1)).max(1)
+}
+
+/// The Poisson sample of one DP-SGD step: every index in `0..samples` is included
+/// independently with probability `rate`, drawn from (seed, epoch, step within the
+/// epoch) alone, so it is the same whatever the world size and whichever process draws
+/// it. Ascending. Drawn by geometric skips (`O(rate * samples)` work), with the
+/// portable `libm` logarithm so the coordinator and every worker get the same bits.
+pub fn poisson_batch(seed: u64, epoch: u32, step: usize, samples: usize, rate: f64) -> Vec<u32> {
+    let mut out = Vec::new();
+    if samples == 0 || rate.is_nan() || rate <= 0.0 {
+        return out;
+    }
+    if rate >= 1.0 {
+        return (0..samples as u32).collect();
+    }
+    let mut rng = Rng::new(derive_seed(seed, &[POISSON_STREAM, epoch as u64, step as u64]));
+    let log_miss = libm::log1p(-rate);
+    let mut i = 0usize;
+    loop {
+        // P(skip >= k) = (1 - rate)^k: the gap before the next included index.
+        let u = 1.0 - rng.next_f64(); // in (0, 1]
+        let skip = libm::floor(libm::log(u) / log_miss);
+        if !(skip < (samples - i) as f64) {
+            break;
+        }
+        i += skip as usize;
+        out.push(i as u32);
+        i += 1;
+        if i >= samples {
+            break;
+        }
+    }
+    out
+}
+
+/// What `rank` of `world` trains on in `epoch` under Poisson sampling, from step
+/// `start_batch` of `steps` on: the indices in step order and the row count of each
+/// step. Each step's sample is split into contiguous rank slices as a permutation's
+/// batch is ([`rank_slice`]).
+#[allow(clippy::too_many_arguments)]
+pub fn poisson_rank_epoch(
+    seed: u64,
+    epoch: u32,
+    samples: usize,
+    rate: f64,
+    steps: usize,
+    rank: usize,
+    world: usize,
+    start_batch: usize,
+) -> (Vec<u32>, Vec<usize>) {
+    let mut idx = Vec::new();
+    let mut lens = Vec::with_capacity(steps.saturating_sub(start_batch));
+    for step in start_batch..steps {
+        let batch = poisson_batch(seed, epoch, step, samples, rate);
+        let (a, b) = rank_slice(batch.len(), rank, world);
+        idx.extend_from_slice(&batch[a..b]);
+        lens.push(b - a);
+    }
+    (idx, lens)
+}
 
 /// Number of optimizer steps in one epoch.
 pub fn steps_per_epoch(samples: usize, batch: usize) -> usize {
@@ -99,6 +165,61 @@ pub fn static_range(samples: usize, rank: usize, world: usize) -> (usize, usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poisson_samples_have_the_expected_size_and_do_not_depend_on_the_world() {
+        let (n, q, seed) = (10_000usize, 256.0 / 10_000.0, 9u64);
+        let steps = poisson_steps_per_epoch(n, 256);
+        assert_eq!(steps, 39);
+        let mut total = 0usize;
+        let mut hits = vec![0u32; n];
+        for epoch in 0..20u32 {
+            for step in 0..steps {
+                let b = poisson_batch(seed, epoch, step, n, q);
+                assert!(b.windows(2).all(|w| w[0] < w[1]));
+                total += b.len();
+                b.iter().for_each(|&i| hits[i as usize] += 1);
+            }
+        }
+        // 780 draws of Binomial(10000, 0.0256): mean 256, sd of the total sqrt(780*249.4).
+        let draws = (20 * steps) as f64;
+        let mean = total as f64 / draws;
+        let sd_of_mean = (n as f64 * q * (1.0 - q) / draws).sqrt();
+        assert!((mean - 256.0).abs() < 5.0 * sd_of_mean, "mean batch {mean}");
+        // Early and late indices are as likely (no bias from the skips).
+        let first: u32 = hits[..n / 2].iter().sum();
+        let second: u32 = hits[n / 2..].iter().sum();
+        let diff = (first as f64 - second as f64).abs();
+        assert!(diff < 5.0 * (total as f64).sqrt(), "{first} vs {second}");
+        // The union of the rank slices is the step's sample, for every world size.
+        for world in 1..=5 {
+            let mut all: Vec<u32> = Vec::new();
+            let mut lens_sum = vec![0usize; steps - 3];
+            for rank in 0..world {
+                let (idx, lens) = poisson_rank_epoch(seed, 4, n, q, steps, rank, world, 3);
+                assert_eq!(idx.len(), lens.iter().sum::<usize>());
+                lens.iter().enumerate().for_each(|(i, l)| lens_sum[i] += l);
+                all.extend(idx);
+            }
+            all.sort_unstable();
+            let mut want: Vec<u32> = (3..steps)
+                .flat_map(|s| poisson_batch(seed, 4, s, n, q))
+                .collect();
+            want.sort_unstable();
+            assert_eq!(all, want, "world {world}");
+            for (i, l) in lens_sum.iter().enumerate() {
+                assert_eq!(*l, poisson_batch(seed, 4, i + 3, n, q).len());
+            }
+        }
+    }
+
+    #[test]
+    fn poisson_edge_rates() {
+        assert!(poisson_batch(1, 0, 0, 100, 0.0).is_empty());
+        assert_eq!(poisson_batch(1, 0, 0, 5, 1.0), vec![0, 1, 2, 3, 4]);
+        assert!(poisson_batch(1, 0, 0, 0, 0.5).is_empty());
+        assert_eq!(poisson_steps_per_epoch(100, 256), 1);
+    }
 
     #[test]
     fn a_generation_change_mid_epoch_still_uses_every_sample_once() {

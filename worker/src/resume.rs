@@ -461,7 +461,7 @@ pub fn state_from_checkpoint(
     s.done = header.r#final
         && (s.epochs_done >= plan.epochs
             || early_stopped
-            || plan.max_steps.is_some_and(|m| s.step >= m));
+            || s.step >= plan.step_limit());
     Ok(s)
 }
 

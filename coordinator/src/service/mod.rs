@@ -26,6 +26,7 @@
 mod gauges;
 mod job_data;
 mod outputs;
+mod privacy;
 mod reports;
 mod restore;
 mod resume;
@@ -108,6 +109,8 @@ struct JobEntry {
     out_dir: PathBuf,
     store: CheckpointStore,
     trace: trace::JobTrace,
+    /// DP-SGD's accounting (`None`: the job does not train privately).
+    privacy: Option<ringtrain_core::privacy::PrivacyRun>,
 }
 
 #[derive(Debug, Default)]
@@ -178,6 +181,9 @@ struct Prepared {
     spec_hash: String,
     plan: TrainingPlan,
     plan_json: String,
+    privacy: Option<ringtrain_core::privacy::PrivacyRun>,
+    /// The privacy spent at the start (`None`: not a DP job, or not loaded).
+    privacy_status: Option<ringtrain_proto::v1::PrivacyStatus>,
 }
 
 /// What an assignment says besides the members.
@@ -561,7 +567,12 @@ impl Coordinator {
     /// Parses and validates a job file and (with `load`) loads its data: everything a
     /// job entry needs besides its id and run directory. A finished job restored from
     /// the store needs no data.
-    async fn prepare(&self, req: &SubmitRequest, load: bool) -> Result<Prepared, CoordinatorError> {
+    async fn prepare(
+        &self,
+        req: &SubmitRequest,
+        load: bool,
+        spent: ringtrain_core::privacy::Spent,
+    ) -> Result<Prepared, CoordinatorError> {
         let source = if req.source.is_empty() {
             "job".to_string()
         } else {
@@ -617,6 +628,32 @@ impl Coordinator {
             },
             max_steps: (req.max_steps > 0).then_some(req.max_steps),
         });
+        let mut plan = plan;
+        let (privacy, privacy_status) = if load {
+            let start = spent.step;
+            match privacy::plan(&file, &source, data.train.rows(), spent)? {
+                Some(run) => {
+                    plan.privacy = Some(run.plan);
+                    let report = privacy::report_at(run.clone(), start).await?;
+                    if run.plan.deterministic_noise {
+                        warn!(job = %file.name, "privacy.deterministic_noise is on: the noise is reproducible from the job seed; for tests only, it gives no privacy");
+                    }
+                    info!(
+                        job = %file.name,
+                        noise_multiplier = run.plan.noise_multiplier,
+                        sample_rate = run.plan.sample_rate,
+                        planned_epsilon = run.planned_epsilon,
+                        budget_steps = ?run.plan.budget_steps,
+                        "DP-SGD planned"
+                    );
+                    let st = privacy::status(&report, run.plan.budget_steps, false);
+                    (Some(run), Some(st))
+                }
+                None => (None, None),
+            }
+        } else {
+            (None, None)
+        };
         let plan_json = serde_json::to_string(&plan)
             .map_err(|e| CoordinatorError::Serialize(format!("the training plan: {e}")))?;
         Ok(Prepared {
@@ -627,6 +664,8 @@ impl Coordinator {
             spec_hash,
             plan,
             plan_json,
+            privacy,
+            privacy_status,
         })
     }
 
@@ -661,6 +700,7 @@ impl Coordinator {
             },
             None => req,
         };
+        let spent = resume.as_ref().map(|p| p.spent.clone()).unwrap_or_default();
         let Prepared {
             source,
             base,
@@ -669,7 +709,12 @@ impl Coordinator {
             spec_hash,
             plan,
             plan_json,
-        } = self.prepare(&req, true).await?;
+            privacy,
+            privacy_status,
+        } = self.prepare(&req, true, spent).await?;
+        if let (Some(run), Some(r)) = (&privacy, &resume) {
+            privacy::check_resume(run, &file, &source, r.saved_epochs, r.checkpoint_step)?;
+        }
         let n = {
             let mut st = self.lock();
             st.next_job += 1;
@@ -708,10 +753,8 @@ impl Coordinator {
         }
         let mut st = self.lock();
         st.job_index.insert(id.clone(), n);
-        let mut total_steps = plan.steps_per_epoch() as u64 * plan.epochs as u64;
-        if let Some(m) = plan.max_steps {
-            total_steps = total_steps.min(m);
-        }
+        let total_steps =
+            (plan.steps_per_epoch() as u64 * plan.epochs as u64).min(plan.step_limit());
         let mut status = JobStatus {
             job_id: id.0.clone(),
             name: file.name.clone(),
@@ -723,6 +766,7 @@ impl Coordinator {
             total_steps,
             out_dir: out_dir.display().to_string(),
             metrics: Some(Metrics::default()),
+            privacy: privacy_status,
             ..JobStatus::default()
         };
         let store = CheckpointStore::new(out_dir.join("checkpoints"), file.checkpoint.keep);
@@ -772,6 +816,7 @@ impl Coordinator {
             out_dir,
             store,
             trace,
+            privacy,
         };
         st.jobs.insert(n, entry);
         self.persist_job(&mut st, n);

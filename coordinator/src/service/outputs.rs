@@ -19,6 +19,8 @@ pub(super) struct ModelInfo {
     pub(super) normalization: Normalization,
     pub(super) feature_names: Option<Vec<String>>,
     pub(super) label_name: Option<String>,
+    /// DP-SGD's accounting, so the card says what the weights cost in privacy.
+    pub(super) privacy: Option<ringtrain_core::privacy::PrivacyRun>,
 }
 
 pub(super) fn append_metrics(out_dir: &Path, s: &EpochSummary) {
@@ -82,6 +84,12 @@ pub(super) fn write_model(
             spec_hash: meta.spec_hash.clone(),
         },
         weights_sha256,
+        privacy: match &info.privacy {
+            Some(run) => Some(run.report(meta.step).map_err(|e| {
+                CoordinatorError::Precondition(format!("privacy accounting: {e}"))
+            })?),
+            None => None,
+        },
     };
     let text = serde_json::to_string_pretty(&saved)
         .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;

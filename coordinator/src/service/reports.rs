@@ -23,7 +23,10 @@ const SHARD_ROWS: usize = 2048;
 impl Coordinator {
     /// Handles one report from a worker. Reports from a stale generation, or from a
     /// worker that does not hold the rank it claims, are ignored.
-    pub async fn report(&self, r: WorkerReport) {
+    pub async fn report(&self, mut r: WorkerReport) {
+        // ε at an epoch's end or at the finish, computed before the state is locked (the
+        // accountant may take a while); the epoch's summary carries it as a metric.
+        let privacy = self.privacy_for_report(&mut r).await;
         let epoch_line = {
             let mut st = self.lock();
             let n = match Self::member(&mut st, &r.job_id, r.generation, r.rank, &r.worker_id) {
@@ -58,6 +61,9 @@ impl Coordinator {
                 }
                 Some(worker_report::Kind::Epoch(e)) => match (e.summary, st.jobs.get(&n)) {
                     (Some(summary), Some(job)) => {
+                        if let Some(p) = privacy {
+                            job.status.send_modify(|st| st.privacy = Some(p));
+                        }
                         show_epoch(job, &summary);
                         Some((job.out_dir.clone(), summary))
                     }
@@ -98,6 +104,12 @@ impl Coordinator {
                 Some(worker_report::Kind::Finished(f)) => {
                     if let Some(job) = st.jobs.get(&n) {
                         if rank.0 == 0 {
+                            if let Some(p) = privacy {
+                                if p.stopped_at_max_epsilon {
+                                    info!(job = %job.id, step = f.steps, epsilon = p.epsilon, max_epsilon = p.max_epsilon, "training stopped: one more step would pass max_epsilon");
+                                }
+                                job.status.send_modify(|st| st.privacy = Some(p));
+                            }
                             show_finished(job, &f);
                         }
                     }
@@ -307,6 +319,12 @@ impl Coordinator {
                 h.buffers
             )));
         }
+        let mut resume = resume;
+        if let Some(run) = &job.privacy {
+            resume.privacy_ledger = Some(run.ledger_at(h.step).map_err(|e| {
+                CoordinatorError::Precondition(format!("privacy ledger at step {}: {e}", h.step))
+            })?);
+        }
         let meta = CheckpointMeta {
             format: ringtrain_core::checkpoint::FORMAT.into(),
             version: ringtrain_core::checkpoint::VERSION,
@@ -331,6 +349,7 @@ impl Coordinator {
                 normalization: job.data.normalization.clone(),
                 feature_names: job.data.train.feature_names.clone(),
                 label_name: job.data.train.label_name.clone(),
+                privacy: job.privacy.clone(),
             },
             n,
         );
@@ -416,15 +435,16 @@ impl Coordinator {
             .map_err(|_| CoordinatorError::Precondition(format!("unknown split {}", req.split)))?;
         let set = match split {
             Split::Train => {
-                rows = sharding::rank_epoch_indices_from(
-                    plan.seed,
-                    req.epoch,
-                    data.train.rows(),
-                    plan.batch_size,
-                    rank,
-                    world,
-                    req.start_batch as usize,
-                );
+                if data.train.rows() != plan.train_samples {
+                    return Err(CoordinatorError::Precondition(format!(
+                        "the plan has {} training rows, the loaded data {}",
+                        plan.train_samples,
+                        data.train.rows()
+                    )));
+                }
+                rows = plan
+                    .rank_epoch(req.epoch, rank, world, req.start_batch as usize)
+                    .0;
                 &data.train
             }
             Split::Validation => {
@@ -567,6 +587,46 @@ fn show_stall(job: &JobEntry) {
     }
 }
 
+impl Coordinator {
+    /// The privacy status a report brings (`None` for a job without DP-SGD, or a report
+    /// that does not move it): at an epoch's end, the step rank 0 last reported, with
+    /// `epsilon` added to the epoch's metrics; at rank 0's finish, its last step.
+    async fn privacy_for_report(
+        &self,
+        r: &mut WorkerReport,
+    ) -> Option<ringtrain_proto::v1::PrivacyStatus> {
+        let finished_steps = match &r.kind {
+            Some(worker_report::Kind::Epoch(_)) => None,
+            Some(worker_report::Kind::Finished(f)) if r.rank == 0 => Some(f.steps),
+            _ => return None,
+        };
+        let (run, step) = {
+            let st = self.lock();
+            let n = st.job_index.get(&ringtrain_core::JobId::from(r.job_id.as_str()))?;
+            let job = st.jobs.get(n)?;
+            let run = job.privacy.clone()?;
+            let step = finished_steps.unwrap_or_else(|| job.status.borrow().step);
+            (run, step)
+        };
+        let budget = run.plan.budget_steps;
+        let stopped = finished_steps.is_some()
+            && budget.is_some_and(|b| step >= b && b < run.shape.total_steps());
+        let report = match super::privacy::report_at(run, step).await {
+            Ok(rep) => rep,
+            Err(e) => {
+                warn!(job = %r.job_id, step, error = %e, "cannot account for the privacy spent");
+                return None;
+            }
+        };
+        if let Some(worker_report::Kind::Epoch(e)) = &mut r.kind {
+            if let Some(summary) = e.summary.as_mut() {
+                summary.metrics.insert("epsilon".into(), report.epsilon);
+            }
+        }
+        Some(super::privacy::status(&report, budget, stopped))
+    }
+}
+
 /// Where the generation starts, into the status (the step shown never runs ahead of
 /// the state the job continues from).
 fn show_resumed(job: &JobEntry, step: u64) {
@@ -618,7 +678,7 @@ fn show_epoch(job: &JobEntry, summary: &EpochSummary) {
 fn show_finished(job: &JobEntry, f: &Finished) {
     // Fewer epochs than planned means early stopping, unless a step limit (benchmarks)
     // cut the run short.
-    let early = job.plan.max_steps.is_none() && f.epochs < job.file.epochs;
+    let early = job.plan.step_limit() == u64::MAX && f.epochs < job.file.epochs;
     job.status.send_modify(|st| {
         st.step = f.steps;
         st.timing = f.timing.clone();

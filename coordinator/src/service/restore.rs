@@ -232,14 +232,34 @@ impl Coordinator {
             uploaded: super::uploads::to_proto(&record.uploaded),
         };
         let live = !record.machine.state.is_terminal();
+        // A DP job continues its ledger from its newest stored checkpoint: σ is planned
+        // for the steps that remain, as on a resume.
+        let spent = if live {
+            let dir = std::path::PathBuf::from(&record.out_dir).join("checkpoints");
+            tokio::task::spawn_blocking(move || {
+                let (found, _) = CheckpointStore::new(dir, usize::MAX).latest_verified()?;
+                Ok::<_, CoordinatorError>(found.and_then(|c| {
+                    Some(ringtrain_core::privacy::Spent {
+                        ledger: c.meta.resume.privacy_ledger?,
+                        step: c.meta.step,
+                    })
+                }))
+            })
+            .await
+            .map_err(|e| CoordinatorError::Transport(e.to_string()))??
+            .unwrap_or_default()
+        } else {
+            Default::default()
+        };
         let Prepared {
             file,
             data,
             spec_hash,
             plan,
             plan_json,
+            privacy,
             ..
-        } = self.prepare(&req, live).await?;
+        } = self.prepare(&req, live, spent).await?;
         let status = unhex(&record.status)
             .and_then(|b| JobStatus::decode(b.as_slice()).ok())
             .ok_or_else(|| {
@@ -285,6 +305,7 @@ impl Coordinator {
             out_dir,
             store,
             trace,
+            privacy,
         };
         let n = record.number;
         let mut st = self.lock();

@@ -66,6 +66,10 @@ pub(crate) struct ResumePlan {
     pub skipped: Vec<String>,
     /// The epoch summaries up to the checkpoint, from `metrics.jsonl`.
     pub history: Vec<EpochSummary>,
+    /// What the run has spent of its privacy up to the checkpoint (DP jobs).
+    pub spent: ringtrain_core::privacy::Spent,
+    /// The run's `epochs` before this resume (the saved job file's).
+    pub saved_epochs: u32,
 }
 
 /// Writes `bytes` to a temporary name in `dir`, syncs it and renames it over `name`: a
@@ -238,6 +242,7 @@ pub(crate) fn plan_resume(
     let saved_source = run_dir.join(SAVED_JOB_FILE).display().to_string();
     let mut saved_file = JobFile::parse(&saved_text, &saved_source)?;
     saved_file.bind_uploads(&saved.uploaded, &saved_source)?;
+    let saved_epochs = saved_file.epochs;
     let (spec_toml, source, base_dir, uploaded, mut file) = if req.spec_toml.is_empty() {
         (
             saved_text,
@@ -345,6 +350,12 @@ pub(crate) fn plan_resume(
         }
         .into());
     }
+    let spent = super::privacy::spent_at(
+        &file,
+        meta.resume.privacy_ledger.as_ref(),
+        meta.step,
+        &ck_shown.to_string(),
+    )?;
     let history = read_metrics(&run_dir)?
         .into_iter()
         .filter(|l| l.summary.epoch <= meta.epoch)
@@ -364,6 +375,8 @@ pub(crate) fn plan_resume(
         run_dir,
         skipped,
         history,
+        spent,
+        saved_epochs,
     })
 }
 

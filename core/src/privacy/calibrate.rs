@@ -23,6 +23,29 @@ pub fn calibrate_noise(
     delta: f64,
     kind: AccountantKind,
 ) -> Result<(f64, f64), PrivacyError> {
+    calibrate_noise_after(
+        &Ledger::new(),
+        target_epsilon,
+        sample_rate,
+        steps,
+        delta,
+        kind,
+    )
+}
+
+/// [`calibrate_noise`] for steps that follow what `prior` already released: the
+/// smallest `σ` such that `prior` plus `steps` steps at (`σ`, `sample_rate`) is
+/// `(target_epsilon, delta)`-DP. A resumed DP job calibrates its remaining steps this
+/// way, so the whole run lands on its target. Errors as [`calibrate_noise`]; when
+/// `prior` alone already spends the target, no `σ` reaches it ([`PrivacyError::Unreachable`]).
+pub fn calibrate_noise_after(
+    prior: &Ledger,
+    target_epsilon: f64,
+    sample_rate: f64,
+    steps: u64,
+    delta: f64,
+    kind: AccountantKind,
+) -> Result<(f64, f64), PrivacyError> {
     if !(target_epsilon.is_finite() && target_epsilon > 0.0) {
         return Err(PrivacyError::TargetEpsilon(target_epsilon));
     }
@@ -30,7 +53,8 @@ pub fn calibrate_noise(
     // Validates q and steps with a placeholder σ.
     Segment::new(1.0, sample_rate, steps)?;
     let eps_at = |sigma: f64| -> Result<f64, PrivacyError> {
-        let ledger = Ledger::single(sigma, sample_rate, steps)?;
+        let mut ledger = prior.clone();
+        ledger.push(Segment::new(sigma, sample_rate, steps)?)?;
         epsilon(&ledger, delta, kind).map(|r: EpsilonReport| r.epsilon)
     };
 
@@ -40,7 +64,8 @@ pub fn calibrate_noise(
     let mut hi = match kind {
         AccountantKind::Rdp => 1.0,
         AccountantKind::Pld => {
-            calibrate_noise(
+            calibrate_noise_after(
+                prior,
                 target_epsilon,
                 sample_rate,
                 steps,
@@ -122,6 +147,28 @@ mod tests {
         let (sigma, eps) = calibrate_noise(8.0, 0.04, 2250, 1e-5, AccountantKind::Rdp).unwrap();
         assert!(eps <= 8.0);
         assert!(sigma <= 1.425307617 && sigma > 1.40, "{sigma}");
+    }
+
+    #[test]
+    fn calibration_after_a_prior_ledger_lands_the_whole_run_on_target() {
+        let kind = AccountantKind::Rdp;
+        let (s1, _) = calibrate_noise(3.0, 0.05, 200, 1e-5, kind).unwrap();
+        let prior = Ledger::single(s1, 0.05, 100).unwrap();
+        // The same steps again: the same σ (the prior is half of the planned run).
+        let (s_same, _) = calibrate_noise_after(&prior, 3.0, 0.05, 100, 1e-5, kind).unwrap();
+        assert!((s_same - s1).abs() < 1e-4 * s1, "{s_same} vs {s1}");
+        // More steps to come: more noise, and the total meets the target.
+        let (s2, eps) = calibrate_noise_after(&prior, 3.0, 0.05, 300, 1e-5, kind).unwrap();
+        assert!(s2 > s1 && eps <= 3.0);
+        let mut total = prior.clone();
+        total.push(Segment::new(s2, 0.05, 300).unwrap()).unwrap();
+        assert!(epsilon(&total, 1e-5, kind).unwrap().epsilon <= 3.0);
+        // A prior that spent the target already leaves nothing to calibrate.
+        let spent = Ledger::single(0.5, 0.05, 1000).unwrap();
+        assert!(matches!(
+            calibrate_noise_after(&spent, 3.0, 0.05, 10, 1e-5, kind),
+            Err(PrivacyError::Unreachable { .. })
+        ));
     }
 
     #[test]

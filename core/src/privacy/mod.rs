@@ -21,6 +21,8 @@
 //! # Layout
 //!
 //! * `error.rs` — [`PrivacyError`], the typed parameter errors.
+//! * `job.rs` — [`PrivacySection`] (the job file's `[privacy]`), [`PrivacyRun`] (σ
+//!   calibrated for a job, its step budget, `ε` at any step, the report).
 //! * `ledger.rs` — [`Segment`], [`Ledger`] (serde, goes into checkpoints),
 //!   [`AccountantKind`].
 //! * `rdp.rs` — RDP of one step, composition, RDP-to-DP conversions.
@@ -33,6 +35,7 @@
 
 mod calibrate;
 mod error;
+mod job;
 mod ledger;
 mod pld;
 mod rdp;
@@ -40,8 +43,9 @@ mod special;
 
 use serde::{Deserialize, Serialize};
 
-pub use calibrate::calibrate_noise;
+pub use calibrate::{calibrate_noise, calibrate_noise_after};
 pub use error::PrivacyError;
+pub use job::{PrivacyReport, PrivacyRun, PrivacySection, RunShape, SectionError, Spent};
 pub use ledger::{AccountantKind, Ledger, Segment};
 pub use rdp::{default_orders, rdp_step};
 

@@ -28,7 +28,7 @@ use crate::loss::{Metric, MetricSums};
 use crate::model::{DropoutKey, Mlp};
 use crate::plan::TrainingPlan;
 use crate::resume::{self, HeldState};
-use crate::sharding;
+
 use crate::step::{Batch, Collective, RingPosition, StepPipeline};
 
 mod io;
@@ -308,7 +308,7 @@ fn train(
     let spe = plan.steps_per_epoch().max(1) as u64;
     let mut timing = StepTiming::default();
     let mut pending_upload: Option<Upload> = None;
-    let max_steps = plan.max_steps.unwrap_or(u64::MAX);
+    let max_steps = plan.step_limit();
     let mut next: Option<(u32, tokio::task::JoinHandle<Result<Shard, WorkerError>>)> = None;
     while !s.done {
         let epoch = s.epochs_done;
@@ -332,13 +332,7 @@ fn train(
                     ctx.handle.spawn(fetch(ctx, Split::Train, epoch + 1, 0)),
                 ));
             }
-            let lens = sharding::rank_batch_lens_from(
-                plan.train_samples,
-                plan.batch_size,
-                rank,
-                world,
-                start_batch as usize,
-            );
+            let lens = plan.rank_epoch(epoch, rank, world, start_batch as usize).1;
             if shard.rows != lens.iter().sum::<usize>() {
                 return Err(WorkerError::Shard(format!(
                     "epoch {epoch} from batch {start_batch}: got {} rows, the plan needs {}",
