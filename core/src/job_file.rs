@@ -533,7 +533,10 @@ impl JobFile {
             if p.dp_enabled() && self.data.normalize != NormalizeKind::None {
                 return Err(err(
                     "data.normalize",
-                    "is fitted on the training data, and those statistics are released with                      the model outside the DP guarantee; a DP job needs normalize = "none"                      (scale the data beforehand with public bounds; IDX images are already                      scaled to [0, 1])"
+                    "is fitted on the training data, and those statistics are released with \
+                     the model outside the DP guarantee; a DP job needs normalize = \"none\" \
+                     (scale the data beforehand with public bounds; IDX images are already \
+                     scaled to [0, 1])"
                         .into(),
                 ));
             }

@@ -286,6 +286,15 @@ impl PrivacyRun {
         if let Some(max) = section.max_epsilon {
             if run.planned_epsilon > max {
                 let budget = run.last_step_within(max, total).map_err(accounting)?;
+                if budget == 0 {
+                    return Err(bad(
+                        "max_epsilon",
+                        format!(
+                            "one step at noise multiplier {sigma} already spends epsilon {:.4}, over max_epsilon {max}: raise noise_multiplier or max_epsilon",
+                            run.epsilon_at(1).map_err(accounting)?
+                        ),
+                    ));
+                }
                 plan.budget_steps = Some(budget);
                 run.plan = plan;
                 run.planned_epsilon = run.epsilon_at(budget).map_err(accounting)?;
@@ -450,12 +459,15 @@ mod tests {
 
     #[test]
     fn max_epsilon_sets_a_step_budget() {
-        let s = section("noise_multiplier = 0.8\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"\nmax_epsilon = 2.0");
+        let s = section("noise_multiplier = 0.8\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"\nmax_epsilon = 4.0");
         let run = PrivacyRun::plan(&s, SHAPE, Spent::default()).unwrap().unwrap();
         let b = run.plan.budget_steps.unwrap();
-        assert!(b > 0 && b < SHAPE.total_steps());
-        assert!(run.epsilon_at(b).unwrap() <= 2.0);
-        assert!(run.epsilon_at(b + 1).unwrap() > 2.0);
+        assert!(b > 100 && b < SHAPE.total_steps(), "{b}");
+        assert!(run.epsilon_at(b).unwrap() <= 4.0);
+        assert!(run.epsilon_at(b + 1).unwrap() > 4.0);
+        // A budget below what one step costs is refused up front.
+        let none = section("noise_multiplier = 0.8\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"\nmax_epsilon = 1.0");
+        assert_eq!(PrivacyRun::plan(&none, SHAPE, Spent::default()).unwrap_err().key, "max_epsilon");
         let loose = section("noise_multiplier = 5.0\ndelta = 1e-5\nmax_grad_norm = 1.0\nmax_epsilon = 8.0\naccountant = \"rdp\"");
         let run = PrivacyRun::plan(&loose, SHAPE, Spent::default()).unwrap().unwrap();
         assert_eq!(run.plan.budget_steps, None);
