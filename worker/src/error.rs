@@ -90,6 +90,9 @@ pub enum WorkerError {
     /// The plan failed the shared checks.
     #[error(transparent)]
     PlanRejected(#[from] ringtrain_core::PlanError),
+    /// The operating system could not seed the DP noise generator.
+    #[error("cannot seed the dp noise generator from the operating system: {0}")]
+    Entropy(String),
     /// A blocking compute task panicked or was aborted.
     #[error("compute task failed: {0}")]
     Join(String),

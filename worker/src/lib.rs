@@ -12,6 +12,8 @@
 //!   generation's ring; its transports: [`collective`] (gRPC streams) and [`tcp_ring`]
 //!   (plain TCP, or Unix sockets on one host).
 //! - [`step`]: one training step as a pipeline of named stages.
+//! - [`dp`]: DP-SGD's noise, each rank's share added before the all-reduce (the
+//!   per-example clipping is [`model::Mlp::forward_backward_clipped`]).
 //! - [`trainer`]: the per-job loop (data, epochs, evaluation, checkpoints, reports);
 //!   its I/O (shards, checkpoint uploads, the ring entered from the step thread) in
 //!   `trainer/io.rs`.
@@ -30,6 +32,7 @@ pub mod agent;
 pub mod bench;
 pub mod collective;
 pub mod config;
+pub mod dp;
 pub mod engine;
 pub mod error;
 pub mod grpc;

@@ -459,9 +459,7 @@ pub fn state_from_checkpoint(
         _ => false,
     };
     s.done = header.r#final
-        && (s.epochs_done >= plan.epochs
-            || early_stopped
-            || s.step >= plan.step_limit());
+        && (s.epochs_done >= plan.epochs || early_stopped || s.step >= plan.step_limit());
     Ok(s)
 }
 

@@ -8,7 +8,13 @@
 //! Every stage is a small function (or a hook object) tested alone; [`StepPipeline`]
 //! runs them in order over one flat buffer `[gradient | metric sums]`, so the metric
 //! sums travel in the same all-reduce as the gradient and every rank knows the exact
-//! global loss of every step. Differential privacy and secure aggregation plug in as
+//! global loss of every step.
+//!
+//! Under DP-SGD (`plan.privacy`), `scale` clips every example's gradient
+//! ([`Mlp::forward_backward_clipped`]), `privatize` is a [`NoiseHook`] adding this rank's
+//! share of the noise to the gradient part only, and `divide` divides by the plan's
+//! expected batch size instead of the real one (which would leak it): an empty batch
+//! still adds noise and still steps. [`StepPipeline::for_job`] builds all of it. Differential privacy and secure aggregation plug in as
 //! hooks ([`StepPipeline::with_privatize`], [`StepPipeline::with_secure_aggregation`])
 //! without touching the trainer's loop; without them those stages are skipped and a
 //! step is exactly what it always was, byte for byte.
@@ -20,11 +26,12 @@ use std::time::Instant;
 
 use tracing::{info_span, Span};
 
+use crate::dp::{NoiseHook, NoiseSeed};
 use crate::error::WorkerError;
 use crate::loss::MetricSums;
-use crate::model::{DropoutKey, Mlp};
+use crate::model::{ClipStats, DropoutKey, Mlp};
 use crate::optimizer::{clip_by_global_norm, Optimizer};
-use crate::plan::TrainingPlan;
+use crate::plan::{DpPlan, TrainingPlan};
 
 /// The stages, in pipeline order (names for spans, logs and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,10 +153,14 @@ pub struct StepOutcome {
     /// Some rank voted to stop after this step (a drain or a leave); every rank sees
     /// the same sum, so all stop after the same step.
     pub stop: bool,
+    /// Under DP: the rows of the global batch whose gradient was clipped (`None`
+    /// without DP).
+    pub clipped: Option<f64>,
 }
 
 impl StepOutcome {
-    /// The global batch size (at least 1, the divisor of [`divide`]).
+    /// The global batch size (at least 1): the divisor of [`divide`] without DP, and
+    /// what the step's metrics are averaged over in any case.
     pub fn batch(&self) -> f64 {
         self.global.count.max(1.0)
     }
@@ -158,29 +169,35 @@ impl StepOutcome {
 /// Stage `scale`: forward and backward over this rank's rows. Writes the gradient of the
 /// **summed** loss into `buf[..p]` (the local mean scaled by the local row count, so
 /// contributions add up to the global sum whatever each rank's share) and the batch's
-/// metric sums into `buf[p..]`.
+/// metric sums into `buf[p..]`. With `clip` (DP-SGD's C), each example's gradient is
+/// clipped to that L2 norm before the sum, and what the clipping did is returned.
 pub fn scale(
     mlp: &Mlp,
     params: &[f32],
     batch: &Batch<'_>,
     buf: &mut [f32],
     p: usize,
-) -> Result<(), WorkerError> {
+    clip: Option<f64>,
+) -> Result<Option<ClipStats>, WorkerError> {
     let (grad, sums) = buf.split_at_mut(p);
-    let local = mlp.forward_backward(
-        params,
-        batch.x,
-        batch.y,
-        batch.rows,
-        grad,
-        Some(&batch.dropout),
-    )?;
+    let dropout = Some(&batch.dropout);
+    let (local, stats) = match clip {
+        None => (
+            mlp.forward_backward(params, batch.x, batch.y, batch.rows, grad, dropout)?,
+            None,
+        ),
+        Some(c) => {
+            let (local, stats) = mlp
+                .forward_backward_clipped(params, batch.x, batch.y, batch.rows, grad, dropout, c)?;
+            (local, Some(stats))
+        }
+    };
     local.write_flat(sums);
-    Ok(())
+    Ok(stats)
 }
 
 /// Stage `divide`: the summed gradient becomes the global batch's mean; returns the
-/// divisor (the global count, at least 1).
+/// divisor (the global count, or under DP the expected batch size; at least 1).
 pub fn divide(grad: &mut [f32], global_count: f64) -> f64 {
     let m = global_count.max(1.0);
     let inv = (1.0 / m) as f32;
@@ -227,9 +244,15 @@ pub struct StepPipeline {
     classes: usize,
     threads: usize,
     has_l2: bool,
+    /// DP-SGD: clip each example in `scale`, divide by the expected batch size.
+    dp: Option<DpPlan>,
+    /// The DP divisor: the plan's (expected) batch size.
+    expected_batch: f64,
     privatize: Option<Box<dyn GradientHook>>,
     secure: Option<Box<dyn SecureAggregation>>,
-    /// `[gradient | metric sums | stop vote]`, reused every step.
+    /// `[gradient | metric sums | clipped rows (DP only) | stop vote]`, reused every
+    /// step. Without DP the buffer is what it always was, so the ring's chunks and sums
+    /// are too.
     buf: Vec<f32>,
     /// This rank's vote to stop after the next step.
     vote: bool,
@@ -243,6 +266,7 @@ impl std::fmt::Debug for StepPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StepPipeline")
             .field("p", &self.p)
+            .field("dp", &self.dp.is_some())
             .field("privatize", &self.privatize.is_some())
             .field("secure", &self.secure.is_some())
             .finish_non_exhaustive()
@@ -250,25 +274,60 @@ impl std::fmt::Debug for StepPipeline {
 }
 
 impl StepPipeline {
-    /// The pipeline of `plan` for `mlp`, with no privacy stages (they are skipped).
+    /// The pipeline of `plan` for `mlp`, with no privatize or secure-aggregation hook.
+    /// Under a DP plan it clips each example and divides by the expected batch size,
+    /// but [`run`](Self::run) refuses to step until a noise hook is installed
+    /// ([`with_privatize`](Self::with_privatize)); [`for_job`](Self::for_job) installs
+    /// the real one.
     pub fn from_plan(plan: &TrainingPlan, mlp: &Mlp, threads: usize) -> Self {
         let p = mlp.num_params();
         let classes = mlp.metric_classes();
+        let dp = plan.privacy;
+        let extra = usize::from(dp.is_some());
         StepPipeline {
             p,
             classes,
             threads,
             has_l2: plan.model.layers.iter().any(|l| l.l2 > 0.0),
+            dp,
+            expected_batch: plan.batch_size as f64,
             privatize: None,
             secure: None,
-            buf: vec![0.0; p + MetricSums::flat_len(classes) + 1],
+            buf: vec![0.0; p + MetricSums::flat_len(classes) + extra + 1],
             vote: false,
             masked: Vec::new(),
             traced: None,
         }
     }
 
-    /// Adds the DP stage (clip and noise of the local gradient).
+    /// The pipeline a job's rank runs: [`from_plan`](Self::from_plan), plus under DP the
+    /// [`NoiseHook`] adding `N(0, σ²C²/world)` per coordinate, drawn from the OS or,
+    /// with `deterministic_noise`, from (job seed, step, `rank`).
+    pub fn for_job(
+        plan: &TrainingPlan,
+        mlp: &Mlp,
+        threads: usize,
+        rank: u32,
+        world: u32,
+    ) -> Result<Self, WorkerError> {
+        let pipeline = Self::from_plan(plan, mlp, threads);
+        let Some(dp) = plan.privacy else {
+            return Ok(pipeline);
+        };
+        let std = dp.noise_multiplier * dp.max_grad_norm / f64::from(world.max(1)).sqrt();
+        let seed = if dp.deterministic_noise {
+            NoiseSeed::Deterministic {
+                seed: plan.seed,
+                rank,
+            }
+        } else {
+            NoiseSeed::Os
+        };
+        let hook = NoiseHook::new(std, pipeline.p, seed)?;
+        Ok(pipeline.with_privatize(Box::new(hook)))
+    }
+
+    /// Adds the DP stage (noise on the local clipped gradient sum).
     pub fn with_privatize(mut self, hook: Box<dyn GradientHook>) -> Self {
         self.privatize = Some(hook);
         self
@@ -318,14 +377,26 @@ impl StepPipeline {
         ring: &mut dyn Collective,
     ) -> Result<StepOutcome, WorkerError> {
         let p = self.p;
+        if self.dp.is_some() && self.privatize.is_none() {
+            return Err(WorkerError::Plan(
+                "a dp plan needs its noise stage: build the pipeline with for_job".into(),
+            ));
+        }
         let traced = self.traced;
         let t = Instant::now();
         let last = self.buf.len() - 1;
+        // The end of the metric sums: the clipped-row count (DP only) sits after them.
+        let sums_end = p + MetricSums::flat_len(self.classes);
+        let clip = self.dp.map(|dp| dp.max_grad_norm);
         let compute_secs = {
-            // DP's clip and noise are part of the `compute` span (not of compute_secs).
+            // DP's noise is part of the `compute` span (not of compute_secs).
             let _compute =
                 stage_span(traced, |_| info_span!("compute", rows = batch.rows)).entered();
-            scale(mlp, params, batch, &mut self.buf[..last], p)?;
+            let stats = scale(mlp, params, batch, &mut self.buf[..sums_end], p, clip)?;
+            if let Some(stats) = stats {
+                // Exact in f32 up to 2^24 rows.
+                self.buf[sums_end] = stats.clipped as f32;
+            }
             self.buf[last] = if self.vote { 1.0 } else { 0.0 };
             let secs = t.elapsed().as_secs_f64();
             if let Some(hook) = &mut self.privatize {
@@ -367,9 +438,15 @@ impl StepPipeline {
         let t = Instant::now();
         let _optimizer = stage_span(traced, |_| info_span!("optimizer")).entered();
         let stop = self.buf[last] > 0.5;
-        let global = MetricSums::from_flat(self.classes, &self.buf[p..last]);
+        let global = MetricSums::from_flat(self.classes, &self.buf[p..sums_end]);
+        let clipped = self.dp.map(|_| f64::from(self.buf[sums_end]));
+        let divisor = if self.dp.is_some() {
+            self.expected_batch
+        } else {
+            global.count
+        };
         let grad = &mut self.buf[..p];
-        divide(grad, global.count);
+        divide(grad, divisor);
         let penalty = regularize(plan, self.has_l2, params, grad);
         optimize(plan, opt, params, grad, step, self.threads);
         Ok(StepOutcome {
@@ -379,6 +456,7 @@ impl StepPipeline {
             allreduce_secs,
             optimizer_secs: t.elapsed().as_secs_f64(),
             stop,
+            clipped,
         })
     }
 }
@@ -661,5 +739,222 @@ mod tests {
         let mut g = vec![2.0f32, 4.0];
         Halve.apply(&mut g, 1).unwrap();
         assert_eq!(g, [1.0, 2.0]);
+    }
+
+    /// The credit plan under DP-SGD with reproducible noise.
+    fn dp_plan() -> TrainingPlan {
+        let mut plan = credit_plan();
+        plan.clip_norm = None;
+        plan.privacy = Some(DpPlan {
+            noise_multiplier: 1.3,
+            max_grad_norm: 0.2,
+            sample_rate: 0.25,
+            delta: 1e-5,
+            accountant: crate::privacy::AccountantKind::Rdp,
+            deterministic_noise: true,
+            budget_steps: None,
+        });
+        plan
+    }
+
+    /// Ranks on their own threads meeting in the collective: each contribution is
+    /// recorded, then all are summed by the ring's schedule.
+    #[derive(Clone)]
+    struct ThreadRing {
+        rank: usize,
+        slots: std::sync::Arc<std::sync::Mutex<Vec<Vec<f32>>>>,
+        barrier: std::sync::Arc<std::sync::Barrier>,
+        sent: Vec<Vec<f32>>,
+    }
+
+    impl Collective for ThreadRing {
+        fn sum_f32(&mut self, buf: &mut [f32], _: u64) -> Result<(), WorkerError> {
+            self.sent.push(buf.to_vec());
+            self.slots.lock().unwrap()[self.rank] = buf.to_vec();
+            self.barrier.wait();
+            let mut all = self.slots.lock().unwrap().clone();
+            ring::simulate::<SumF32>(&mut all);
+            buf.copy_from_slice(&all[self.rank]);
+            // Nobody overwrites a slot before every rank has read the sum.
+            self.barrier.wait();
+            Ok(())
+        }
+        fn sum_u64(&mut self, _: &mut [u64], _: u64) -> Result<(), WorkerError> {
+            unreachable!("no secure aggregation in this pipeline")
+        }
+    }
+
+    #[test]
+    fn dp_steps_clip_add_each_ranks_noise_and_divide_by_the_expected_batch() {
+        let plan = dp_plan();
+        let dp = plan.privacy.unwrap();
+        let world = 2usize;
+        let mlp = Mlp::new(plan.model.clone(), plan.loss).with_threads(1);
+        let p = mlp.num_params();
+        let flat = MetricSums::flat_len(mlp.metric_classes());
+        // Rank 0 holds 5 rows, rank 1 none (a Poisson batch may be empty); the divisor is
+        // the plan's 64 all the same.
+        let mut rng = crate::rng::Rng::new(5);
+        let x: Vec<f32> = (0..5 * plan.features)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let y: Vec<f32> = (0..5).map(|i| (i % 2) as f32).collect();
+        let idx: Vec<u32> = (0..5).collect();
+        let rows = [5usize, 0];
+        let steps = 2u64;
+        let ring = ThreadRing {
+            rank: 0,
+            slots: std::sync::Arc::new(std::sync::Mutex::new(vec![Vec::new(); world])),
+            barrier: std::sync::Arc::new(std::sync::Barrier::new(world)),
+            sent: Vec::new(),
+        };
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let (plan, mlp, x, y, idx) =
+                    (plan.clone(), mlp.clone(), x.clone(), y.clone(), idx.clone());
+                let mut ring = ThreadRing {
+                    rank: r,
+                    ..ring.clone()
+                };
+                std::thread::spawn(move || {
+                    let mut pipeline =
+                        StepPipeline::for_job(&plan, &mlp, 1, r as u32, world as u32).unwrap();
+                    assert_eq!(pipeline.stages()[1], Stage::Privatize);
+                    let mut params = plan.model.init_params(plan.seed);
+                    let mut opt = Optimizer::new(plan.optimizer, params.len());
+                    let n = rows[r];
+                    let mut outs = Vec::new();
+                    for step in 1..=steps {
+                        let batch = Batch {
+                            x: &x[..n * plan.features],
+                            y: &y[..n],
+                            rows: n,
+                            dropout: DropoutKey {
+                                seed: plan.seed,
+                                step,
+                                samples: &idx[..n],
+                            },
+                        };
+                        let out = pipeline
+                            .run(&plan, &mlp, &mut params, &mut opt, &batch, step, &mut ring)
+                            .unwrap();
+                        outs.push(out);
+                    }
+                    (params, outs, ring.sent)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        // Identical replicas.
+        assert!(results[0]
+            .0
+            .iter()
+            .zip(&results[1].0)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+
+        // The same steps by hand: each rank's contribution is its clipped sum plus the
+        // noise of (seed, step, rank), metric sums and the clipped count untouched; the
+        // sum is divided by the plan's batch size, not the 5 real rows.
+        let std = dp.noise_multiplier * dp.max_grad_norm / (world as f64).sqrt();
+        let mut params = plan.model.init_params(plan.seed);
+        let mut opt = Optimizer::new(plan.optimizer, p);
+        for step in 1..=steps {
+            let mut bufs = Vec::new();
+            for (r, &n) in rows.iter().enumerate() {
+                let mut want = vec![0f32; p + flat + 2];
+                let key = DropoutKey {
+                    seed: plan.seed,
+                    step,
+                    samples: &idx[..n],
+                };
+                let (sums, stats) = mlp
+                    .forward_backward_clipped(
+                        &params,
+                        &x[..n * plan.features],
+                        &y[..n],
+                        n,
+                        &mut want[..p],
+                        Some(&key),
+                        dp.max_grad_norm,
+                    )
+                    .unwrap();
+                sums.write_flat(&mut want[p..p + flat]);
+                want[p + flat] = stats.clipped as f32;
+                let clean = want.clone();
+                let seed = crate::dp::NoiseSeed::Deterministic {
+                    seed: plan.seed,
+                    rank: r as u32,
+                };
+                crate::dp::NoiseHook::synchronous(std, p, seed)
+                    .unwrap()
+                    .apply(&mut want[..p], step)
+                    .unwrap();
+                let sent = &results[r].2[step as usize - 1];
+                assert_eq!(bits(sent), bits(&want), "rank {r} step {step}");
+                // Only the gradient is noised, and it is.
+                assert_eq!(bits(&sent[p..]), bits(&clean[p..]));
+                assert_ne!(bits(&sent[..p]), bits(&clean[..p]));
+                bufs.push(want);
+            }
+            ring::simulate::<SumF32>(&mut bufs);
+            let sum = &mut bufs[0];
+            let global = MetricSums::from_flat(mlp.metric_classes(), &sum[p..p + flat]);
+            for (r, res) in results.iter().enumerate() {
+                let out = &res.1[step as usize - 1];
+                assert_eq!(out.global, global, "rank {r}");
+                assert_eq!(out.batch(), 5.0);
+                assert_eq!(out.clipped, Some(sum[p + flat] as f64));
+            }
+            divide(&mut sum[..p], plan.batch_size as f64);
+            let has_l2 = plan.model.layers.iter().any(|l| l.l2 > 0.0);
+            let penalty = regularize(&plan, has_l2, &params, &mut sum[..p]);
+            assert_eq!(results[0].1[step as usize - 1].penalty, penalty);
+            optimize(&plan, &mut opt, &mut params, &sum[..p], step, 1);
+        }
+        // The tiny C clips every row.
+        assert_eq!(results[0].1[0].clipped, Some(5.0));
+        assert_eq!(bits(&params), bits(&results[0].0));
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn a_dp_pipeline_without_its_noise_stage_refuses_to_step() {
+        let plan = dp_plan();
+        let mlp = Mlp::new(plan.model.clone(), plan.loss);
+        let mut pipeline = StepPipeline::from_plan(&plan, &mlp, 1);
+        let mut params = plan.model.init_params(plan.seed);
+        let mut opt = Optimizer::new(plan.optimizer, params.len());
+        let batch = Batch {
+            x: &[],
+            y: &[],
+            rows: 0,
+            dropout: DropoutKey {
+                seed: 1,
+                step: 1,
+                samples: &[],
+            },
+        };
+        let err = pipeline
+            .run(
+                &plan,
+                &mlp,
+                &mut params,
+                &mut opt,
+                &batch,
+                1,
+                &mut Replicated(1),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("noise"), "{err}");
+        // Without DP, for_job is from_plan: no privatize stage, the same buffer.
+        let plain = StepPipeline::for_job(&credit_plan(), &mlp, 1, 0, 2).unwrap();
+        assert!(!plain.stages().contains(&Stage::Privatize));
+        assert_eq!(
+            plain.buf.len(),
+            params.len() + MetricSums::flat_len(mlp.metric_classes()) + 1
+        );
     }
 }

@@ -298,7 +298,7 @@ fn train(
     } else {
         Shard::default()
     };
-    let mut pipeline = StepPipeline::from_plan(plan, &mlp, threads);
+    let mut pipeline = StepPipeline::for_job(plan, &mlp, threads, a.rank, a.world)?;
     let trace_parent = RemoteParent::from_map(&a.trace_context);
     let position = RingPosition {
         rank: a.rank,
