@@ -229,24 +229,42 @@ pub fn print_train(s: &ringtrain_proto::v1::JobStatus, json_out: bool) -> anyhow
     let sps = t("samples") / total;
     let steps = t("steps");
     if json_out {
-        println!(
-            "{}",
-            json!({
-                "workers": s.workers,
-                "steps": steps as u64,
-                "samples_per_sec": sps,
-                "step_seconds": {
-                    "compute": t("compute") / steps.max(1.0),
-                    "allreduce": t("allreduce") / steps.max(1.0),
-                    "optimizer": t("optimizer") / steps.max(1.0),
-                    "other": t("other") / steps.max(1.0),
-                },
-            })
-        );
+        let mut v = json!({
+            "workers": s.workers,
+            "steps": steps as u64,
+            "samples_per_sec": sps,
+            "step_seconds": {
+                "compute": t("compute") / steps.max(1.0),
+                "allreduce": t("allreduce") / steps.max(1.0),
+                "optimizer": t("optimizer") / steps.max(1.0),
+                "other": t("other") / steps.max(1.0),
+            },
+        });
+        if let Some(p) = &s.privacy {
+            v["privacy"] = json!({
+                "epsilon": p.epsilon,
+                "delta": p.delta,
+                "noise_multiplier": p.noise_multiplier,
+                "sample_rate": p.sample_rate,
+                "steps": p.steps,
+                "accountant": p.accountant,
+                "max_grad_norm": p.max_grad_norm,
+            });
+        }
+        println!("{v}");
     } else {
         println!(
-            "{} workers, {} steps: {:.0} samples/s",
-            s.workers, steps as u64, sps
+            "{} workers, {} steps: {:.0} samples/s{}",
+            s.workers,
+            steps as u64,
+            sps,
+            match &s.privacy {
+                Some(p) => format!(
+                    " (DP-SGD: noise multiplier {}, clip {}, epsilon {:.4} at delta {:e})",
+                    p.noise_multiplier, p.max_grad_norm, p.epsilon, p.delta
+                ),
+                None => String::new(),
+            }
         );
         for k in ["compute", "allreduce", "optimizer", "other"] {
             println!(

@@ -153,9 +153,16 @@ fn a_target_epsilon_is_met_with_the_rdp_accountant_too() {
         "target_epsilon = 2.0\ndelta = 1e-5\nmax_grad_norm = 0.5\naccountant = \"rdp\"",
         0,
     );
-    let s = local_json(&[job.to_str().unwrap(), "--out", dir.path().join("r").to_str().unwrap()]);
+    let s = local_json(&[
+        job.to_str().unwrap(),
+        "--out",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
     let p = &s["privacy"];
-    let (eps, sigma) = (p["epsilon"].as_f64().unwrap(), p["noise_multiplier"].as_f64().unwrap());
+    let (eps, sigma) = (
+        p["epsilon"].as_f64().unwrap(),
+        p["noise_multiplier"].as_f64().unwrap(),
+    );
     assert!(eps <= 2.0 && eps > 1.9, "{s}");
     assert_eq!(eps, cli_epsilon(sigma, 0.025, 80, 1e-5, "rdp"), "{s}");
 }
@@ -169,7 +176,10 @@ fn cancel_after_a_checkpoint(coord: &str, job: &Path) -> PathBuf {
     let run_dir = PathBuf::from(s["out_dir"].as_str().unwrap());
     wait_status(coord, &id, Duration::from_secs(120), "a checkpoint", |_| {
         std::fs::read_dir(run_dir.join("checkpoints"))
-            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+            })
             .unwrap_or(false)
     });
     let (ok, _, stderr) = run_json(&["cancel", "--coordinator", coord, &id]);
@@ -177,7 +187,10 @@ fn cancel_after_a_checkpoint(coord: &str, job: &Path) -> PathBuf {
     let s = wait_status(coord, &id, Duration::from_secs(20), "the cancel", |s| {
         s["state"] == "cancelled" || s["state"] == "completed"
     });
-    assert_eq!(s["state"], "cancelled", "the job ended before the cancel: {s}");
+    assert_eq!(
+        s["state"], "cancelled",
+        "the job ended before the cancel: {s}"
+    );
     run_dir
 }
 
@@ -194,17 +207,28 @@ fn a_resumed_dp_job_continues_the_ledger_and_with_deterministic_noise_the_bytes(
     let job = dp_job(dir.path(), "dp-resume", 60, privacy, 40);
     let run_dir = cancel_after_a_checkpoint(&coord, &job);
     let id = submit(&coord, &["--resume", run_dir.to_str().unwrap()]);
-    let resumed = wait_status(&coord, &id, Duration::from_secs(300), "the resumed job", |s| {
-        s["state"] == "completed" || s["state"] == "failed"
-    });
+    let resumed = wait_status(
+        &coord,
+        &id,
+        Duration::from_secs(300),
+        "the resumed job",
+        |s| s["state"] == "completed" || s["state"] == "failed",
+    );
     assert_eq!(resumed["state"], "completed", "{resumed}");
     assert_eq!(resumed["events"][0]["kind"], "resumed", "{resumed}");
     let base_id = submit(&coord, &[job.to_str().unwrap()]);
-    let base = wait_status(&coord, &base_id, Duration::from_secs(300), "the uninterrupted job", |s| {
-        s["state"] == "completed" || s["state"] == "failed"
-    });
+    let base = wait_status(
+        &coord,
+        &base_id,
+        Duration::from_secs(300),
+        "the uninterrupted job",
+        |s| s["state"] == "completed" || s["state"] == "failed",
+    );
     assert_eq!(base["state"], "completed", "{base}");
-    assert_eq!(resumed["privacy"], base["privacy"], "resumed vs uninterrupted");
+    assert_eq!(
+        resumed["privacy"], base["privacy"],
+        "resumed vs uninterrupted"
+    );
     assert_eq!(resumed["privacy"]["steps"], 2400);
     let base_dir = PathBuf::from(base["out_dir"].as_str().unwrap());
     assert!(
@@ -217,7 +241,12 @@ fn a_resumed_dp_job_continues_the_ledger_and_with_deterministic_noise_the_bytes(
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("step-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
         .unwrap();
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(ck.join("meta.json")).unwrap()).unwrap();
@@ -243,12 +272,22 @@ fn max_epsilon_stops_the_job_and_refuses_a_resume_past_it() {
     assert!(eps <= 3.0, "{s}");
     assert!(cli_epsilon(0.7, 0.025, steps + 1, 1e-5, "rdp") > 3.0);
     // Human output says so too.
-    let human = run(&["local", job.to_str().unwrap(), "--out", dir.path().join("h").to_str().unwrap()]);
+    let human = run(&[
+        "local",
+        job.to_str().unwrap(),
+        "--out",
+        dir.path().join("h").to_str().unwrap(),
+    ]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("stopped at max_epsilon"), "{text}");
     // A resume asking for more epochs is refused: the budget is spent.
     let longer = dp_job(dir.path(), "dp-budget", 20, privacy, 0);
-    let r = run(&["local", "--resume", out.to_str().unwrap(), longer.to_str().unwrap()]);
+    let r = run(&[
+        "local",
+        "--resume",
+        out.to_str().unwrap(),
+        longer.to_str().unwrap(),
+    ]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("privacy.max_epsilon"), "{err}");
@@ -262,16 +301,36 @@ fn bad_privacy_sections_are_refused_naming_the_key() {
             "target_epsilon = 3.0\nnoise_multiplier = 1.0\ndelta = 1e-5\nmax_grad_norm = 1.0",
             "privacy.noise_multiplier",
         ),
-        ("noise_multiplier = 1.0\nmax_grad_norm = 1.0", "privacy.delta"),
-        ("noise_multiplier = 1.0\ndelta = 1e-5", "privacy.max_grad_norm"),
+        (
+            "noise_multiplier = 1.0\nmax_grad_norm = 1.0",
+            "privacy.delta",
+        ),
+        (
+            "noise_multiplier = 1.0\ndelta = 1e-5",
+            "privacy.max_grad_norm",
+        ),
         ("delta = 1e-5", "privacy.delta"),
-        ("noise_multiplier = 1.0\ndelta = 0.5\nmax_grad_norm = 1.0", "privacy.delta"),
-        ("noise_multiplier = 1.0\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"moments\"", "privacy.accountant"),
-        ("target_epsilon = 1e-9\ndelta = 1e-5\nmax_grad_norm = 1.0", "privacy.target_epsilon"),
+        (
+            "noise_multiplier = 1.0\ndelta = 0.5\nmax_grad_norm = 1.0",
+            "privacy.delta",
+        ),
+        (
+            "noise_multiplier = 1.0\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"moments\"",
+            "privacy.accountant",
+        ),
+        (
+            "target_epsilon = 1e-9\ndelta = 1e-5\nmax_grad_norm = 1.0",
+            "privacy.target_epsilon",
+        ),
     ];
     for (i, (section, key)) in cases.iter().enumerate() {
         let job = dp_job(dir.path(), &format!("bad{i}"), 1, section, 0);
-        let r = run(&["local", job.to_str().unwrap(), "--out", dir.path().join(format!("o{i}")).to_str().unwrap()]);
+        let r = run(&[
+            "local",
+            job.to_str().unwrap(),
+            "--out",
+            dir.path().join(format!("o{i}")).to_str().unwrap(),
+        ]);
         assert!(!r.status.success(), "{section}: accepted");
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(err.contains(key), "{section}: {err}");

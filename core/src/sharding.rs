@@ -33,14 +33,17 @@ pub fn poisson_batch(seed: u64, epoch: u32, step: usize, samples: usize, rate: f
     if rate >= 1.0 {
         return (0..samples as u32).collect();
     }
-    let mut rng = Rng::new(derive_seed(seed, &[POISSON_STREAM, epoch as u64, step as u64]));
+    let mut rng = Rng::new(derive_seed(
+        seed,
+        &[POISSON_STREAM, epoch as u64, step as u64],
+    ));
     let log_miss = libm::log1p(-rate);
     let mut i = 0usize;
     loop {
         // P(skip >= k) = (1 - rate)^k: the gap before the next included index.
         let u = 1.0 - rng.next_f64(); // in (0, 1]
         let skip = libm::floor(libm::log(u) / log_miss);
-        if !(skip < (samples - i) as f64) {
+        if skip.is_nan() || skip >= (samples - i) as f64 {
             break;
         }
         i += skip as usize;

@@ -67,30 +67,31 @@ pub(super) fn write_model(
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, out_dir.join("model.safetensors")))
         .map_err(CoordinatorError::io("writing model.safetensors"))?;
-    let saved = ringtrain_core::saved_model::ModelCard {
-        format: ringtrain_core::saved_model::FORMAT.into(),
-        name: file.name.clone(),
-        model: file.model.clone(),
-        loss: file.train.loss,
-        metrics: file.train.metrics.clone(),
-        classes: file.train.loss.metric_classes(file.model.outputs()),
-        normalization: info.normalization.clone(),
-        feature_names: info.feature_names.clone(),
-        label: info.label_name.clone(),
-        trained: ringtrain_core::saved_model::Provenance {
-            job_id: meta.job_id.clone(),
-            steps: meta.step,
-            epochs: meta.epoch,
-            spec_hash: meta.spec_hash.clone(),
-        },
-        weights_sha256,
-        privacy: match &info.privacy {
-            Some(run) => Some(run.report(meta.step).map_err(|e| {
-                CoordinatorError::Precondition(format!("privacy accounting: {e}"))
-            })?),
-            None => None,
-        },
-    };
+    let saved =
+        ringtrain_core::saved_model::ModelCard {
+            format: ringtrain_core::saved_model::FORMAT.into(),
+            name: file.name.clone(),
+            model: file.model.clone(),
+            loss: file.train.loss,
+            metrics: file.train.metrics.clone(),
+            classes: file.train.loss.metric_classes(file.model.outputs()),
+            normalization: info.normalization.clone(),
+            feature_names: info.feature_names.clone(),
+            label: info.label_name.clone(),
+            trained: ringtrain_core::saved_model::Provenance {
+                job_id: meta.job_id.clone(),
+                steps: meta.step,
+                epochs: meta.epoch,
+                spec_hash: meta.spec_hash.clone(),
+            },
+            weights_sha256,
+            privacy: match &info.privacy {
+                Some(run) => Some(run.report(meta.step).map_err(|e| {
+                    CoordinatorError::Precondition(format!("privacy accounting: {e}"))
+                })?),
+                None => None,
+            },
+        };
     let text = serde_json::to_string_pretty(&saved)
         .map_err(|e| CoordinatorError::Serialize(e.to_string()))?;
     // The card goes in last and by rename: a reader never sees a card without its

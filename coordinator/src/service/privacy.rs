@@ -8,8 +8,8 @@ use ringtrain_core::privacy::{PrivacyReport, PrivacyRun, RunShape, Spent};
 use ringtrain_proto::v1::PrivacyStatus;
 
 use crate::error::CoordinatorError;
-use ringtrain_core::SpecError;
 use crate::job_file::JobFile;
+use ringtrain_core::SpecError;
 
 /// Plans the privacy of a job with `train_samples` examples that has spent `spent`
 /// (see [`PrivacyRun::plan`]); `None` when the job does not train privately. Errors

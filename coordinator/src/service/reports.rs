@@ -602,7 +602,9 @@ impl Coordinator {
         };
         let (run, step) = {
             let st = self.lock();
-            let n = st.job_index.get(&ringtrain_core::JobId::from(r.job_id.as_str()))?;
+            let n = st
+                .job_index
+                .get(&ringtrain_core::JobId::from(r.job_id.as_str()))?;
             let job = st.jobs.get(n)?;
             let run = job.privacy.clone()?;
             let step = finished_steps.unwrap_or_else(|| job.status.borrow().step);

@@ -57,10 +57,9 @@ fn bad(key: &'static str, message: impl Into<String>) -> SectionError {
 
 fn positive(key: &'static str, v: Option<f64>) -> Result<(), SectionError> {
     match v {
-        Some(x) if !(x.is_finite() && x > 0.0) => Err(bad(
-            key,
-            format!("{x} is not a positive number"),
-        )),
+        Some(x) if !(x.is_finite() && x > 0.0) => {
+            Err(bad(key, format!("{x} is not a positive number")))
+        }
         _ => Ok(()),
     }
 }
@@ -204,7 +203,10 @@ impl PrivacyRun {
         let n = shape.train_samples;
         let kind = section.accountant();
         let (Some(delta), Some(c)) = (section.delta, section.max_grad_norm) else {
-            return Err(bad("", "delta and max_grad_norm are required (checked above)"));
+            return Err(bad(
+                "",
+                "delta and max_grad_norm are required (checked above)",
+            ));
         };
         if n == 0 {
             return Err(bad("", "DP-SGD needs training data, and there is none"));
@@ -320,7 +322,11 @@ impl PrivacyRun {
 
     /// `ε` after `step` steps of the job.
     pub fn epsilon_at(&self, step: u64) -> Result<f64, PrivacyError> {
-        eps_of(&self.ledger_at(step)?, self.plan.delta, self.plan.accountant)
+        eps_of(
+            &self.ledger_at(step)?,
+            self.plan.delta,
+            self.plan.accountant,
+        )
     }
 
     /// The largest step `s <= limit` with `ε(s) <= max` (the spent step when even one
@@ -408,7 +414,9 @@ mod tests {
 
     #[test]
     fn exactly_one_of_target_and_noise_and_the_required_keys() {
-        let both = section("target_epsilon = 3.0\nnoise_multiplier = 1.0\ndelta = 1e-5\nmax_grad_norm = 1.0");
+        let both = section(
+            "target_epsilon = 3.0\nnoise_multiplier = 1.0\ndelta = 1e-5\nmax_grad_norm = 1.0",
+        );
         assert_eq!(both.validate().unwrap_err().key, "noise_multiplier");
         let no_delta = section("noise_multiplier = 1.0\nmax_grad_norm = 1.0");
         assert_eq!(no_delta.validate().unwrap_err().key, "delta");
@@ -422,15 +430,20 @@ mod tests {
         assert!(!section("").dp_enabled());
         let neg = section("noise_multiplier = -1.0\ndelta = 1e-5\nmax_grad_norm = 1.0");
         assert_eq!(neg.validate().unwrap_err().key, "noise_multiplier");
-        let below = section("target_epsilon = 3.0\nmax_epsilon = 2.0\ndelta = 1e-5\nmax_grad_norm = 1.0");
+        let below =
+            section("target_epsilon = 3.0\nmax_epsilon = 2.0\ndelta = 1e-5\nmax_grad_norm = 1.0");
         assert_eq!(below.validate().unwrap_err().key, "max_epsilon");
         assert!(toml::from_str::<PrivacySection>("epsilon = 3.0").is_err());
     }
 
     #[test]
     fn a_target_is_met_and_the_ledger_continues_across_a_resume() {
-        let s = section("target_epsilon = 2.0\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"");
-        let run = PrivacyRun::plan(&s, SHAPE, Spent::default()).unwrap().unwrap();
+        let s = section(
+            "target_epsilon = 2.0\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"",
+        );
+        let run = PrivacyRun::plan(&s, SHAPE, Spent::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(run.plan.sample_rate, 0.025);
         let total = SHAPE.total_steps();
         assert_eq!(total, 200);
@@ -446,7 +459,10 @@ mod tests {
         let (a, b) = (again.epsilon_at(total).unwrap(), eps);
         assert!((a - b).abs() < 1e-3, "{a} vs {b}");
         // Raising epochs after 80 steps: more noise for the rest, same target.
-        let longer = RunShape { epochs: 10, ..SHAPE };
+        let longer = RunShape {
+            epochs: 10,
+            ..SHAPE
+        };
         let spent = Spent {
             ledger: run.ledger_at(80).unwrap(),
             step: 80,
@@ -460,16 +476,25 @@ mod tests {
     #[test]
     fn max_epsilon_sets_a_step_budget() {
         let s = section("noise_multiplier = 0.8\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"\nmax_epsilon = 4.0");
-        let run = PrivacyRun::plan(&s, SHAPE, Spent::default()).unwrap().unwrap();
+        let run = PrivacyRun::plan(&s, SHAPE, Spent::default())
+            .unwrap()
+            .unwrap();
         let b = run.plan.budget_steps.unwrap();
         assert!(b > 100 && b < SHAPE.total_steps(), "{b}");
         assert!(run.epsilon_at(b).unwrap() <= 4.0);
         assert!(run.epsilon_at(b + 1).unwrap() > 4.0);
         // A budget below what one step costs is refused up front.
         let none = section("noise_multiplier = 0.8\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"\nmax_epsilon = 1.0");
-        assert_eq!(PrivacyRun::plan(&none, SHAPE, Spent::default()).unwrap_err().key, "max_epsilon");
+        assert_eq!(
+            PrivacyRun::plan(&none, SHAPE, Spent::default())
+                .unwrap_err()
+                .key,
+            "max_epsilon"
+        );
         let loose = section("noise_multiplier = 5.0\ndelta = 1e-5\nmax_grad_norm = 1.0\nmax_epsilon = 8.0\naccountant = \"rdp\"");
-        let run = PrivacyRun::plan(&loose, SHAPE, Spent::default()).unwrap().unwrap();
+        let run = PrivacyRun::plan(&loose, SHAPE, Spent::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(run.plan.budget_steps, None);
     }
 
