@@ -70,11 +70,13 @@ ensure_debootstrap() {
 }
 
 # rootfs_tarball NAME [PACKAGES]: a cached tarball of a minbase bookworm with PACKAGES.
+# Its stdout is the tarball's path and nothing else (callers capture it), so everything it
+# runs writes to stderr.
 rootfs_tarball() {
   local name=$1 include=${2:-} tarball="$cache/$1.tar"
   if [ -s "$tarball" ]; then echo "$tarball"; return; fi
-  ensure_debootstrap
-  "${sudo_cmd[@]}" mkdir -p "$cache"
+  ensure_debootstrap >&2
+  "${sudo_cmd[@]}" mkdir -p "$cache" >&2
   local dir
   dir=$(mktemp -d "${TMPDIR:-/tmp}/ringtrain-rootfs.XXXXXX")
   local mirror
