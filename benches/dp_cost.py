@@ -4,7 +4,8 @@
 For the big MLP (784-1024-1024-10, batch 256) and the seed MLP (100-64-64-10, batch 32),
 each round runs, in a rotating order:
   - `ringtrain bench train` on the plain job,
-  - `ringtrain bench train` on the same job with a [privacy] section (benches/jobs/),
+  - `ringtrain bench train` on the same job with a [privacy] section (benches/jobs/; SGD
+    at lr 0.1, sigma 1, C 1, as the Opacus script),
   - ../shared/bench/dp_opacus_modes.py (plain PyTorch, Opacus per-sample hooks, Opacus
     ghost clipping; SGD, synthetic data, Poisson sampling),
 all with one compute thread. It prints every launch and a table of medians with the
@@ -31,9 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 JOBS = {
     "big": {
-        "plain": os.path.join(ROOT, "examples", "big-mlp.toml"),
+        "plain": os.path.join(HERE, "jobs", "big-mlp-plain.toml"),
         "dp": os.path.join(HERE, "jobs", "big-mlp-dp.toml"),
-        "steps": 40,
+        "steps": 100,
     },
     "small": {
         "plain": os.path.join(HERE, "jobs", "seed-mlp-plain.toml"),

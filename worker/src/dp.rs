@@ -423,29 +423,4 @@ mod tests {
         assert_ne!(bits(&a1), bits(&b1));
         assert_ne!(bits(&a1), bits(&draw(&mut a, 1)));
     }
-
-    /// Not a test: the cost of one step's noise for the 784-1024-1024-10 MLP
-    /// (1,863,690 parameters), drawn on the calling thread. Run with
-    /// `cargo test --release -p ringtrain-worker --lib dp::tests::noise_draw_time --
-    /// --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn noise_draw_time() {
-        let len = 1_863_690;
-        let mut hook = NoiseHook::synchronous(1.0, len, NoiseSeed::Os).unwrap();
-        let mut g = vec![0f32; len];
-        let mut times = Vec::new();
-        for step in 0..11 {
-            let t = std::time::Instant::now();
-            hook.apply(&mut g, step).unwrap();
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        eprintln!(
-            "noise for {len} parameters, synchronous: median {:.2} ms (min {:.2}, max {:.2})",
-            times[5] * 1e3,
-            times[0] * 1e3,
-            times[10] * 1e3
-        );
-    }
 }
