@@ -408,9 +408,23 @@ fn epsilon_one_direction(ledger: &Ledger, delta: f64, dir: Direction) -> PldEpsi
 
 /// Tight `ε` for the ledger at `δ` (the worse of the add and remove
 /// directions). The ledger must be validated and non-empty.
+///
+/// The two directions are independent, so the add direction runs on a second thread
+/// (on the calling one if no thread can be started): the same result, in about half
+/// the time on two cores, for twice the peak memory (each direction holds two FFT
+/// buffers of up to 2²² complex cells, 64 MiB each).
 pub(crate) fn pld_epsilon(ledger: &Ledger, delta: f64) -> PldEpsilon {
-    let a = epsilon_one_direction(ledger, delta, Direction::Remove);
-    let b = epsilon_one_direction(ledger, delta, Direction::Add);
+    let (a, b) = std::thread::scope(|s| {
+        let add = std::thread::Builder::new()
+            .name("ringtrain-pld-add".into())
+            .spawn_scoped(s, || epsilon_one_direction(ledger, delta, Direction::Add));
+        let a = epsilon_one_direction(ledger, delta, Direction::Remove);
+        let b = match add {
+            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(_) => epsilon_one_direction(ledger, delta, Direction::Add),
+        };
+        (a, b)
+    });
     PldEpsilon {
         epsilon: a.epsilon.max(b.epsilon),
         error_bound: a.error_bound.max(b.error_bound),

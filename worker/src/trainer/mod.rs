@@ -135,9 +135,9 @@ pub fn run_blocking(
         // The timeout drops the handle, not the task: the stream keeps sending for as
         // long as this process runs (a coordinator busy accounting a DP job's epochs
         // reads slowly); only a process that exits now would lose what is left.
-        Err(_) => warn!(
-            "report stream not flushed within 10 s; it keeps sending in the background"
-        ),
+        Err(_) => {
+            warn!("report stream not flushed within 10 s; it keeps sending in the background")
+        }
     }
     (result, slot)
 }
