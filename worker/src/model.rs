@@ -588,9 +588,7 @@ fn row_sq_norms(t: &Tensor, rows: usize) -> Result<Vec<f64>, WorkerError> {
     }
     let out: Vec<f64> = match t.dtype() {
         DType::F32 => with_contiguous::<f32, _>(&t, |v| {
-            Ok(v.chunks_exact(n)
-                .map(|r| sq_norm(r, |x| f64::from(x)))
-                .collect())
+            Ok(v.chunks_exact(n).map(|r| sq_norm(r, f64::from)).collect())
         })?,
         DType::F64 => with_contiguous::<f64, _>(&t, |v| {
             Ok(v.chunks_exact(n).map(|r| sq_norm(r, |x| x)).collect())
