@@ -241,15 +241,7 @@ pub fn print_train(s: &ringtrain_proto::v1::JobStatus, json_out: bool) -> anyhow
             },
         });
         if let Some(p) = &s.privacy {
-            v["privacy"] = json!({
-                "epsilon": p.epsilon,
-                "delta": p.delta,
-                "noise_multiplier": p.noise_multiplier,
-                "sample_rate": p.sample_rate,
-                "steps": p.steps,
-                "accountant": p.accountant,
-                "max_grad_norm": p.max_grad_norm,
-            });
+            v["privacy"] = crate::progress::privacy_json(p);
         }
         println!("{v}");
     } else {

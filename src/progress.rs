@@ -170,7 +170,7 @@ pub fn status_json(s: &JobStatus) -> Value {
 }
 
 /// `"privacy"` of a DP job's status: the names are the interface scripts read.
-fn privacy_json(p: &ringtrain_proto::v1::PrivacyStatus) -> Value {
+pub(crate) fn privacy_json(p: &ringtrain_proto::v1::PrivacyStatus) -> Value {
     let mut o = json!({
         "epsilon": p.epsilon,
         "delta": p.delta,

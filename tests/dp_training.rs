@@ -3,7 +3,8 @@
 //! the epsilon that `ringtrain privacy epsilon` gives for the job's sigma, q and steps;
 //! a resumed job continues the ledger (same epsilon, and with deterministic noise the
 //! same bytes); max_epsilon stops a job and refuses a resume that would pass it; bad
-//! `[privacy]` sections are refused naming the key.
+//! `[privacy]` sections are refused naming the key; `bench train` runs a DP job and says
+//! what it spent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -336,4 +337,38 @@ fn bad_privacy_sections_are_refused_naming_the_key() {
         assert!(err.contains(key), "{section}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn bench_train_accepts_a_dp_job_and_reports_its_privacy() {
+    let _serial = serial();
+    let dir = test_dir();
+    let job = dp_job(
+        dir.path(),
+        "dp-bench",
+        3,
+        "noise_multiplier = 1.0\ndelta = 1e-5\nmax_grad_norm = 1.0\naccountant = \"rdp\"",
+        0,
+    );
+    let (ok, v, stderr) = run_json(&[
+        "bench",
+        "train",
+        "--workers",
+        "2",
+        "--steps",
+        "25",
+        job.to_str().unwrap(),
+    ]);
+    assert!(ok, "bench train failed: {stderr}");
+    assert_eq!(v["steps"], 25, "{v}");
+    assert!(v["samples_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    let p = &v["privacy"];
+    assert_eq!(p["steps"], 25, "{v}");
+    assert_eq!(p["sample_rate"], 0.025, "{v}");
+    assert_eq!(p["accountant"], "rdp", "{v}");
+    assert_eq!(
+        p["epsilon"].as_f64().unwrap(),
+        cli_epsilon(1.0, 0.025, 25, 1e-5, "rdp"),
+        "{v}"
+    );
 }

@@ -289,14 +289,9 @@ impl Mlp {
         if rows == 0 {
             return Ok(MetricSums::new(self.metric_classes()));
         }
-        let f = self.forward(params, x, rows, dropout)?;
-        let (z, a) = self.head_inputs(&f)?;
-        let outputs = self.spec.outputs();
-        let (sums, g) = loss::head(self.loss, &z, &a, y, outputs, true, self.target_center)?;
-        let (g, fused) = match g {
-            Some(HeadGrad::PreActivation(g)) => (g, true),
-            Some(HeadGrad::Output(g)) => (g, false),
-            None => return Ok(sums),
+        let (f, sums, g) = self.forward_to_head(params, x, y, rows, dropout)?;
+        let Some((g, fused)) = g else {
+            return Ok(sums);
         };
         let mut on_dense = |i: usize, l: &LayerLayout, delta: &Tensor| {
             self.dense_grads(&f.inputs[i], l, delta, grad)
@@ -342,14 +337,9 @@ impl Mlp {
         if rows == 0 {
             return Ok((MetricSums::new(self.metric_classes()), stats));
         }
-        let f = self.forward(params, x, rows, dropout)?;
-        let (z, a) = self.head_inputs(&f)?;
-        let outputs = self.spec.outputs();
-        let (sums, g) = loss::head(self.loss, &z, &a, y, outputs, true, self.target_center)?;
-        let (g, fused) = match g {
-            Some(HeadGrad::PreActivation(g)) => (g, true),
-            Some(HeadGrad::Output(g)) => (g, false),
-            None => return Ok((sums, stats)),
+        let (f, sums, g) = self.forward_to_head(params, x, y, rows, dropout)?;
+        let Some((g, fused)) = g else {
+            return Ok((sums, stats));
         };
         // Pass 1: every dense layer's unscaled δ, and each example's squared norm.
         let mut deltas: Vec<Option<Tensor>> = vec![None; self.spec.layers.len()];
@@ -384,6 +374,30 @@ impl Mlp {
             self.dense_grads(&f.inputs[l.layer], l, &scaled, grad)?;
         }
         Ok((sums, stats))
+    }
+
+    /// The forward pass and the loss head of a training step: the activations, the
+    /// batch's metric sums and the head's gradient with whether it is already dL/dz of
+    /// the last layer (`None` when the loss has no gradient to carry down).
+    #[allow(clippy::type_complexity)]
+    fn forward_to_head(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        dropout: Option<&DropoutKey<'_>>,
+    ) -> Result<(Forward, MetricSums, Option<(Vec<f64>, bool)>), WorkerError> {
+        let f = self.forward(params, x, rows, dropout)?;
+        let (z, a) = self.head_inputs(&f)?;
+        let outputs = self.spec.outputs();
+        let (sums, g) = loss::head(self.loss, &z, &a, y, outputs, true, self.target_center)?;
+        let g = match g {
+            Some(HeadGrad::PreActivation(g)) => Some((g, true)),
+            Some(HeadGrad::Output(g)) => Some((g, false)),
+            None => None,
+        };
+        Ok((f, sums, g))
     }
 
     /// A dense layer's gradient from its input rows and its dL/dz rows `delta`: the bias
