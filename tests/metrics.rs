@@ -2,7 +2,7 @@
 //! processes during and after a two-worker job. Every page is read strictly (every line a
 //! comment, HELP/TYPE, or a sample with a valid float, every sample's family typed, the
 //! histograms consistent) and, when Python's `prometheus_client` is installed (CI
-//! installs it), also by its parser.
+//! installs it), also by its parser. A DP-SGD job adds the epsilon it has spent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +15,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bin, job_status, serial, submit, test_dir, wait_for, Proc};
+use common::{bin, job_status, run_json, serial, submit, test_dir, wait_for, worker, Proc};
 use prom_text::Page;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -246,6 +246,10 @@ fn metrics_follow_a_two_worker_job_on_the_coordinator_and_each_worker() {
     );
     assert_eq!(workers(&page, "busy"), 2.0, "{:?}", page.samples);
     assert_eq!(workers(&page, "idle"), 0.0);
+    assert!(
+        page.all("ringtrain_epsilon_spent").is_empty(),
+        "a job without [privacy] has no epsilon"
+    );
     assert_eq!(jobs(&page, "submitted") + jobs(&page, "waiting"), 0.0);
     assert_eq!(
         page.value(
@@ -441,4 +445,89 @@ fn a_taken_metrics_port_is_an_error_naming_the_flag() {
             "{role:?}: {stderr}"
         );
     }
+}
+
+/// `ringtrain privacy epsilon` (RDP) after `steps` steps at σ = 1, the given q, δ = 1e-5.
+fn rdp_epsilon(q: f64, steps: u64) -> f64 {
+    let (ok, v, stderr) = run_json(&[
+        "privacy",
+        "epsilon",
+        "--noise-multiplier",
+        "1",
+        "--sample-rate",
+        &q.to_string(),
+        "--steps",
+        &steps.to_string(),
+        "--delta",
+        "1e-5",
+        "--accountant",
+        "rdp",
+    ]);
+    assert!(ok, "{stderr}");
+    v["epsilon"].as_f64().unwrap()
+}
+
+#[test]
+fn a_dp_job_exports_the_epsilon_it_has_spent() {
+    let _serial = serial();
+    let dir = test_dir();
+    let python = python_prometheus();
+    let data = dir.path().join("data");
+    let (_c, addr, coord_metrics) = spawn_with_metrics(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let coord = format!("http://{addr}");
+    let _ws: Vec<Proc> = ["e0", "e1"].iter().map(|n| worker(&coord, n)).collect();
+    // 100 Poisson steps an epoch (q = 64 / 6400) of the wide MLP: long enough to be
+    // scraped between epochs.
+    let (epochs, spe, q) = (6u64, 100u64, 0.01);
+    let plain = wide_job(dir.path(), epochs as u32, 6400);
+    let text = std::fs::read_to_string(&plain).unwrap()
+        + "\n[privacy]\nnoise_multiplier = 1.0\ndelta = 1e-5\nmax_grad_norm = 1.0\n\
+           accountant = \"rdp\"\n";
+    let job = dir.path().join("wide-dp.toml");
+    std::fs::write(&job, text).unwrap();
+    let id = submit(&coord, &[job.to_str().unwrap()]);
+    let labels = [("job", id.as_str()), ("name", "metrics wide")];
+    // While it runs: after an epoch, exactly the accountant's epsilon for a whole number
+    // of epochs.
+    let spent = wait_for(Duration::from_secs(120), "a spent epsilon", || {
+        let p = scrape(&coord_metrics, python);
+        let v = p
+            .all("ringtrain_epsilon_spent")
+            .iter()
+            .find(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, w)| l.iter().any(|(lk, lv)| lk == k && lv == w))
+            })
+            .map(|(_, v)| *v)?;
+        (jobs(&p, "running") == 1.0 && v > 0.0).then_some(v)
+    });
+    let epoch_ends: Vec<f64> = (1..=epochs).map(|e| rdp_epsilon(q, e * spe)).collect();
+    assert!(
+        epoch_ends.contains(&spent),
+        "{spent} is not the epsilon at any epoch's end: {epoch_ends:?}"
+    );
+    // After it: the series is gone, and the status holds the whole run's epsilon.
+    let page = wait_for(Duration::from_secs(180), "the job completed", || {
+        let p = scrape(&coord_metrics, python);
+        (jobs(&p, "completed") == 1.0).then_some(p)
+    });
+    assert!(page.all("ringtrain_epsilon_spent").is_empty());
+    let s = job_status(&coord, &id);
+    assert_eq!(
+        s["privacy"]["epsilon"].as_f64().unwrap(),
+        epoch_ends[epoch_ends.len() - 1],
+        "{s}"
+    );
 }

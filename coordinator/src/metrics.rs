@@ -10,8 +10,9 @@
 //! - `ringtrain_leader`: 1 while this coordinator leads (serves), 0 on a standby, whose
 //!   other gauges are then empty.
 //!
-//! `ringtrain_epsilon_spent` (privacy budget per job) comes with DP-SGD (issue 9): the
-//! coordinator does not know an epsilon yet, so it is not exported.
+//! - `ringtrain_epsilon_spent{job,name}`: the privacy budget each DP-SGD job that has not
+//!   ended has spent, as of its last epoch (the ε of its status, at its δ); jobs without
+//!   `[privacy]` have no series.
 
 use ringtrain_core::metrics::{Exposition, Kind};
 
@@ -28,6 +29,8 @@ pub struct ClusterGauges {
     pub busy_workers: u64,
     /// `(job id, job name, generation)` of every job that has not ended, oldest first.
     pub generations: Vec<(String, String, u64)>,
+    /// `(job id, job name, epsilon spent)` of every DP-SGD job that has not ended.
+    pub epsilons: Vec<(String, String, f64)>,
     /// Whether this coordinator leads (serves calls).
     pub leader: bool,
 }
@@ -72,6 +75,19 @@ impl ClusterGauges {
             );
         }
         e.family(
+            "ringtrain_epsilon_spent",
+            Kind::Gauge,
+            "Privacy budget (epsilon at the job's delta) spent by each DP-SGD job that has \
+             not ended, as of its last epoch.",
+        );
+        for (id, name, epsilon) in &self.epsilons {
+            e.sample(
+                "ringtrain_epsilon_spent",
+                &[("job", id), ("name", name)],
+                *epsilon,
+            );
+        }
+        e.family(
             "ringtrain_leader",
             Kind::Gauge,
             "1 while this coordinator leads and serves calls, 0 on a standby.",
@@ -91,6 +107,7 @@ mod tests {
             idle_workers: 1,
             busy_workers: 2,
             generations: vec![("j-1-ab".into(), "my \"mlp\"".into(), 4)],
+            epsilons: vec![("j-1-ab".into(), "my \"mlp\"".into(), 1.25)],
             leader: true,
             ..ClusterGauges::default()
         };
@@ -109,6 +126,7 @@ mod tests {
             "ringtrain_workers{state=\"idle\"} 1",
             "ringtrain_workers{state=\"busy\"} 2",
             "ringtrain_generation{job=\"j-1-ab\",name=\"my \\\"mlp\\\"\"} 4",
+            "ringtrain_epsilon_spent{job=\"j-1-ab\",name=\"my \\\"mlp\\\"\"} 1.25",
             "ringtrain_leader 1",
         ] {
             assert!(page.lines().any(|l| l == line), "{line:?} missing:\n{page}");

@@ -5,8 +5,8 @@ use crate::job_machine::JobState;
 use crate::metrics::ClusterGauges;
 
 impl Coordinator {
-    /// Jobs per state, workers idle and busy, and the generation of every job that has
-    /// not ended. `leader` is not known here: it stays `false` for the caller to set.
+    /// Jobs per state, workers idle and busy, and the generation (and a DP job's spent
+    /// epsilon) of every job that has not ended. `leader` is not known here: it stays `false` for the caller to set.
     pub fn gauges(&self) -> ClusterGauges {
         let st = self.lock();
         let mut g = ClusterGauges::default();
@@ -21,6 +21,10 @@ impl Coordinator {
                     job.file.name.clone(),
                     job.machine.generation().0,
                 ));
+                if let Some(p) = &job.status.borrow().privacy {
+                    g.epsilons
+                        .push((job.id.0.clone(), job.file.name.clone(), p.epsilon));
+                }
             }
         }
         for (_, w) in st.workers.values() {
