@@ -678,9 +678,9 @@ fn show_epoch(job: &JobEntry, summary: &EpochSummary) {
 
 /// Rank 0's end of training, into the status (steps, timing, test metrics, early stop).
 fn show_finished(job: &JobEntry, f: &Finished) {
-    // Fewer epochs than planned means early stopping, unless a step limit (benchmarks)
-    // cut the run short.
-    let early = job.plan.step_limit() == u64::MAX && f.epochs < job.file.epochs;
+    // Fewer epochs than planned means early stopping, unless a step limit (benchmarks'
+    // max_steps, a DP job's max_epsilon budget) cut the run short.
+    let early = f.epochs < job.file.epochs && f.steps < job.plan.step_limit();
     job.status.send_modify(|st| {
         st.step = f.steps;
         st.timing = f.timing.clone();

@@ -337,7 +337,8 @@ impl PrivacyRun {
             return Ok(hi);
         }
         // Invariant: ε(lo) <= max (or lo is the spent step), ε(hi) > max.
-        while hi - lo > 1 {
+        // (No underflow if the spent step is already past `limit`: then it is the answer.)
+        while hi > lo + 1 {
             let mid = lo + (hi - lo) / 2;
             if self.epsilon_at(mid)? <= max {
                 lo = mid;
