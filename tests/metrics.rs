@@ -48,6 +48,23 @@ fn spawn_with_metrics(args: &[&str], envs: &[(&str, &str)]) -> (Proc, String, St
 }
 
 /// One HTTP/1.1 request to `addr`: (status code, headers, body).
+/// `ringtrain serve` on ephemeral ports with `--metrics-listen`: the process, its gRPC
+/// address and its metrics address.
+fn serve_with_metrics(data: &std::path::Path) -> (Proc, String, String) {
+    spawn_with_metrics(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+}
+
 fn http(addr: &str, method: &str, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics port");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -167,18 +184,7 @@ fn metrics_follow_a_two_worker_job_on_the_coordinator_and_each_worker() {
         );
     }
     let data = dir.path().join("data");
-    let (_c, addr, coord_metrics) = spawn_with_metrics(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let (_c, addr, coord_metrics) = serve_with_metrics(&data);
     let coord = format!("http://{addr}");
     // The workers take the address from the environment, as a container would.
     let mut ws = Vec::new();
@@ -473,18 +479,7 @@ fn a_dp_job_exports_the_epsilon_it_has_spent() {
     let dir = test_dir();
     let python = python_prometheus();
     let data = dir.path().join("data");
-    let (_c, addr, coord_metrics) = spawn_with_metrics(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let (_c, addr, coord_metrics) = serve_with_metrics(&data);
     let coord = format!("http://{addr}");
     let _ws: Vec<Proc> = ["e0", "e1"].iter().map(|n| worker(&coord, n)).collect();
     // 100 Poisson steps an epoch (q = 64 / 6400) of the wide MLP: long enough to be
